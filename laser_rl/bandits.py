@@ -1,0 +1,391 @@
+"""Bandits that pick one reward model (arm) per row of a batch of contexts.
+
+All bandits share one interface, batched over prompts, in torch, on any device:
+    select(X [B, d]) -> LongTensor [B]      update(X [B, d], arms [B], rewards [B])
+    state_dict() / load_state_dict()
+Non-contextual bandits (Exp3, UCB1, random, fixed, round-robin) only use X for its batch size,
+so every policy, baselines included, runs through the same selector code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+class Bandit:
+    """Base class: input checks, a seeded generator and the (de)serialization shared by all policies."""
+
+    learns = True  # False for baselines that ignore feedback (random, fixed, round-robin)
+    centered_rewards = False  # True: update() wants rewards centered at 0 instead of in [0, 1]
+    min_arms = 2  # choosing needs a choice; only the fixed-arm baseline runs with one RM
+
+    def __init__(self, num_arms: int, dim: int | None = None, seed: int = 0, device: str | torch.device = "cpu"):
+        if int(num_arms) < self.min_arms:
+            raise ValueError(f"{type(self).__name__} needs at least {self.min_arms} arms (reward models), got {num_arms}")
+        self.num_arms = int(num_arms)
+        self.dim = dim
+        self.device = torch.device(device)
+        # Random draws come from a CPU generator so a seed gives the same choices on any device.
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.num_updates = 0
+
+    # ----- input checks -------------------------------------------------------------------------
+    def _check_contexts(self, X: Tensor) -> Tensor:
+        if not isinstance(X, Tensor) or X.dim() != 2:
+            raise ValueError(f"contexts must be a 2-D tensor [batch, dim], got {getattr(X, 'shape', type(X))}")
+        if X.shape[0] == 0:
+            raise ValueError("empty batch: contexts has 0 rows")
+        if self.dim is not None and X.shape[1] != self.dim:
+            raise ValueError(f"context dimension mismatch: bandit was built for dim={self.dim}, got {X.shape[1]}")
+        if not torch.isfinite(X).all():
+            raise ValueError("contexts contain NaN or inf")
+        return X
+
+    def _check_update(self, X: Tensor, arms: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        X = self._check_contexts(X)
+        arms = torch.as_tensor(arms, device=X.device).long().reshape(-1)
+        rewards = torch.as_tensor(rewards, device=X.device).reshape(-1)
+        if arms.shape[0] != X.shape[0] or rewards.shape[0] != X.shape[0]:
+            raise ValueError(
+                f"update needs one arm and one reward per context: got {X.shape[0]} contexts, "
+                f"{arms.shape[0]} arms, {rewards.shape[0]} rewards"
+            )
+        if ((arms < 0) | (arms >= self.num_arms)).any():
+            raise ValueError(f"arm indices must lie in [0, {self.num_arms}), got {arms.unique().tolist()}")
+        if not torch.isfinite(rewards).all():
+            raise ValueError("rewards contain NaN or inf: drop those rows before updating the bandit")
+        return X, arms, rewards
+
+    def _uniform_arms(self, batch_size: int) -> Tensor:
+        return torch.randint(self.num_arms, (batch_size,), generator=self.generator).to(self.device)
+
+    # ----- interface ----------------------------------------------------------------------------
+    def select(self, X: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, X: Tensor, arms: Tensor, rewards: Tensor) -> None:
+        self._check_update(X, arms, rewards)
+        self.num_updates += 1
+
+    def _tensors(self) -> dict[str, Tensor]:
+        """The learned statistics; subclasses list theirs."""
+        return {}
+
+    def state_dict(self) -> dict:
+        state = {name: t.detach().cpu().clone() for name, t in self._tensors().items()}
+        state.update(
+            kind=type(self).__name__,
+            num_arms=self.num_arms,
+            num_updates=self.num_updates,
+            generator=self.generator.get_state(),
+        )
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != type(self).__name__ or state.get("num_arms") != self.num_arms:
+            raise ValueError(
+                f"state is for {state.get('kind')} with {state.get('num_arms')} arms, "
+                f"not {type(self).__name__} with {self.num_arms} arms"
+            )
+        for name, t in self._tensors().items():
+            if state[name].shape != t.shape:
+                raise ValueError(f"state tensor {name!r} has shape {tuple(state[name].shape)}, expected {tuple(t.shape)}")
+            t.copy_(state[name].to(t.device, t.dtype))
+        self.num_updates = int(state["num_updates"])
+        self.generator.set_state(state["generator"])
+
+
+# =================================================================================================
+# Contextual: disjoint linear models, one ridge regression per arm
+# =================================================================================================
+
+
+class LinearBandit(Bandit):
+    """Disjoint ridge regression per arm: A_k = lam*I + sum x x^T, b_k = sum r x, theta_k = A_k^-1 b_k.
+
+    A_k^-1 is kept up to date with Woodbury (rank-m) updates, so selection never inverts a matrix;
+    every `refresh_every` updates of an arm its inverse is recomputed from A_k to stop float32 drift.
+    With `discount` < 1 (rewards that drift as the policy trains) old statistics decay by that factor
+    at each update call: A_k <- discount*A_k + (1-discount)*lam*I + X^T X (the ridge stays lam), which
+    is not a low-rank change, so the inverse is recomputed exactly then: one Cholesky per arm per
+    training step, never per selection.
+
+    The ridge prior theta = 0 predicts a reward of 0, so rewards should be centered: the selector
+    passes its [0, 1]-normalized reward minus 0.5, which makes an untried arm look average rather
+    than worst and lets a small alpha (the paper's 0.1) still explore.
+    """
+
+    centered_rewards = True
+
+    def __init__(
+        self,
+        num_arms: int,
+        dim: int,
+        lam: float = 1.0,
+        discount: float = 1.0,
+        refresh_every: int = 100,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        if int(dim) < 1:
+            raise ValueError(f"context dimension must be >= 1, got dim={dim}")
+        if lam <= 0:
+            raise ValueError(f"ridge lam must be > 0, got {lam}")
+        if not 0 < discount <= 1:
+            raise ValueError(f"discount must lie in (0, 1], got {discount}")
+        super().__init__(num_arms, int(dim), seed, device)
+        self.lam, self.discount, self.refresh_every, self.dtype = float(lam), float(discount), int(refresh_every), dtype
+        eye = torch.eye(self.dim, device=self.device, dtype=dtype)
+        self.A = (self.lam * eye).repeat(self.num_arms, 1, 1)  # [K, d, d], kept for exact refreshes
+        self.A_inv = (eye / self.lam).repeat(self.num_arms, 1, 1)  # [K, d, d]
+        self.b = torch.zeros(self.num_arms, self.dim, device=self.device, dtype=dtype)  # [K, d]
+        self.theta = torch.zeros_like(self.b)  # [K, d], cached A^-1 b
+        self.counts = torch.zeros(self.num_arms, dtype=torch.long, device=self.device)  # rows seen per arm
+        self.updates_since_refresh = torch.zeros(self.num_arms, dtype=torch.long, device=self.device)
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {
+            "A": self.A, "A_inv": self.A_inv, "b": self.b, "theta": self.theta,
+            "counts": self.counts, "updates_since_refresh": self.updates_since_refresh,
+        }
+
+    def scores(self, X: Tensor) -> tuple[Tensor, Tensor]:
+        """mean [B, K] = x . theta_k and width [B, K] = sqrt(x^T A_k^-1 x) (without alpha)."""
+        X = self._check_contexts(X).to(self.device, self.dtype)
+        mean = X @ self.theta.T
+        # (X A_k^-1) * X summed over d, for all arms in one batched matmul; O(K B d^2).
+        quad = torch.einsum("kbd,bd->bk", torch.matmul(X.unsqueeze(0), self.A_inv), X)
+        return mean, quad.clamp_min(0).sqrt()
+
+    def update(self, X: Tensor, arms: Tensor, rewards: Tensor) -> None:
+        X, arms, rewards = self._check_update(X, arms, rewards)
+        X, rewards = X.to(self.device, self.dtype), rewards.to(self.device, self.dtype)
+        arms = arms.to(self.device)
+        if self.discount < 1.0:
+            eye = torch.eye(self.dim, device=self.device, dtype=self.dtype)
+            self.A.mul_(self.discount).add_((1 - self.discount) * self.lam * eye)
+            self.b.mul_(self.discount)
+        for k in arms.unique().tolist():
+            rows = arms == k
+            Xk, rk = X[rows], rewards[rows]
+            self.A[k].addmm_(Xk.T, Xk)
+            self.b[k] += Xk.T @ rk
+            self.counts[k] += Xk.shape[0]
+            self.updates_since_refresh[k] += 1
+            if self.discount < 1.0:
+                continue  # every arm is refreshed below
+            if Xk.shape[0] < self.dim and self.updates_since_refresh[k] < self.refresh_every:
+                woodbury_update(self.A_inv[k], Xk)
+            else:  # a periodic exact refresh, or a batch so large that inverting is cheaper
+                self._refresh(k)
+            self.theta[k] = self.A_inv[k] @ self.b[k]
+        if self.discount < 1.0:  # every arm's A changed, not only the updated ones
+            for k in range(self.num_arms):
+                self._refresh(k)
+            self.theta = torch.bmm(self.A_inv, self.b.unsqueeze(-1)).squeeze(-1)
+        self.num_updates += 1
+
+    def _refresh(self, k: int) -> None:
+        """Exact inverse of A_k (symmetric positive definite) through its Cholesky factor."""
+        self.A_inv[k] = torch.cholesky_inverse(torch.linalg.cholesky(self.A[k]))
+        self.updates_since_refresh[k] = 0
+
+
+def woodbury_update(A_inv: Tensor, X: Tensor) -> Tensor:
+    """(A + X^T X)^-1 from A^-1 for m new rows X [m, d], in place: O(m d^2 + m^3) instead of O(d^3).
+
+    (A + X^T X)^-1 = A^-1 - W^T W with W = L^-1 X A^-1 and L L^T = I_m + X A^-1 X^T (for m = 1 this
+    is Sherman-Morrison). Writing the correction as W^T W keeps it symmetric without an extra pass.
+    """
+    U = X @ A_inv  # [m, d] = X A^-1 (A^-1 is symmetric)
+    L = torch.linalg.cholesky(torch.eye(X.shape[0], device=X.device, dtype=X.dtype) + U @ X.T)
+    W = torch.linalg.solve_triangular(L, U, upper=False)  # [m, d]
+    return A_inv.addmm_(W.T, W, alpha=-1)
+
+
+class LinUCB(LinearBandit):
+    """Disjoint LinUCB (Li et al. 2010), the paper's bandit: argmax_k theta_k . x + alpha * sqrt(x^T A_k^-1 x)."""
+
+    def __init__(self, num_arms: int, dim: int, alpha: float = 0.1, lam: float = 1.0, **kwargs):
+        super().__init__(num_arms, dim, lam=lam, **kwargs)
+        self.alpha = float(alpha)
+        self.last_width: Tensor | None = None  # width of the chosen arm at the last selection, for metrics
+
+    def select(self, X: Tensor) -> Tensor:
+        mean, width = self.scores(X)
+        arms = (mean + self.alpha * width).argmax(dim=1)
+        self.last_width = width.gather(1, arms[:, None]).squeeze(1)
+        return arms
+
+
+class LinearThompson(LinearBandit):
+    """Linear Thompson sampling: theta_k ~ N(theta_hat_k, v^2 A_k^-1), one draw per prompt.
+
+    For one context x, x . theta_k is N(x . theta_hat_k, v^2 x^T A_k^-1 x), so a per-prompt draw needs
+    only the LinUCB mean and width, never a d x d Cholesky factor.
+    """
+
+    def __init__(self, num_arms: int, dim: int, v: float = 0.1, lam: float = 1.0, **kwargs):
+        super().__init__(num_arms, dim, lam=lam, **kwargs)
+        self.v = float(v)
+        self.last_width: Tensor | None = None
+
+    def select(self, X: Tensor) -> Tensor:
+        mean, width = self.scores(X)
+        noise = torch.randn(mean.shape, generator=self.generator, dtype=torch.float64).to(mean)
+        arms = (mean + self.v * width * noise).argmax(dim=1)
+        self.last_width = width.gather(1, arms[:, None]).squeeze(1)
+        return arms
+
+
+class LinearEpsilonGreedy(LinearBandit):
+    """Greedy on the ridge estimate, a uniformly random arm with probability epsilon."""
+
+    def __init__(self, num_arms: int, dim: int, epsilon: float = 0.1, lam: float = 1.0, **kwargs):
+        if not 0 <= epsilon <= 1:
+            raise ValueError(f"epsilon must lie in [0, 1], got {epsilon}")
+        super().__init__(num_arms, dim, lam=lam, **kwargs)
+        self.epsilon = float(epsilon)
+
+    def select(self, X: Tensor) -> Tensor:
+        mean, _ = self.scores(X)
+        greedy = mean.argmax(dim=1)
+        explore = (torch.rand(X.shape[0], generator=self.generator) < self.epsilon).to(greedy.device)
+        return torch.where(explore, self._uniform_arms(X.shape[0]), greedy)
+
+
+# =================================================================================================
+# Non-contextual bandits and baselines
+# =================================================================================================
+
+
+class Exp3(Bandit):
+    """Exp3 (Auer et al. 2002), the paper's non-contextual bandit in its noisy-reward ablation.
+
+    Rewards must lie in [0, 1] (the selector's quantile normalization guarantees it). Each row draws
+    its own arm from p = (1 - gamma) * w / sum(w) + gamma / K; updates use importance weighting.
+    """
+
+    def __init__(self, num_arms: int, dim: int | None = None, gamma: float = 0.1, discount: float = 1.0, **kwargs):
+        if not 0 < gamma <= 1:
+            raise ValueError(f"Exp3 gamma must lie in (0, 1], got {gamma}")
+        super().__init__(num_arms, dim, **kwargs)
+        self.gamma, self.discount = float(gamma), float(discount)
+        self.log_weights = torch.zeros(self.num_arms, dtype=torch.float64)
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {"log_weights": self.log_weights}
+
+    def probabilities(self) -> Tensor:
+        w = torch.softmax(self.log_weights, dim=0)
+        return (1 - self.gamma) * w + self.gamma / self.num_arms
+
+    def select(self, X: Tensor) -> Tensor:
+        X = self._check_contexts(X)
+        return torch.multinomial(self.probabilities(), X.shape[0], replacement=True, generator=self.generator).to(self.device)
+
+    def update(self, X: Tensor, arms: Tensor, rewards: Tensor) -> None:
+        X, arms, rewards = self._check_update(X, arms, rewards)
+        if ((rewards < 0) | (rewards > 1)).any():
+            raise ValueError("Exp3 needs rewards in [0, 1]; normalize them first")
+        p = self.probabilities()
+        estimate = torch.zeros(self.num_arms, dtype=torch.float64)
+        estimate.index_add_(0, arms.cpu(), rewards.cpu().double() / p[arms.cpu()])
+        # Average over the batch so the learning rate does not scale with the batch size.
+        self.log_weights = self.discount * self.log_weights + self.gamma * estimate / (self.num_arms * X.shape[0])
+        self.log_weights -= self.log_weights.max()  # only differences matter; keeps exp() finite forever
+        self.num_updates += 1
+
+
+class UCB1(Bandit):
+    """UCB1 (Auer et al. 2002): argmax mean_k + c * sqrt(2 ln t / n_k); untried arms first."""
+
+    def __init__(self, num_arms: int, dim: int | None = None, c: float = 1.0, discount: float = 1.0, **kwargs):
+        super().__init__(num_arms, dim, **kwargs)
+        self.c, self.discount = float(c), float(discount)
+        self.counts = torch.zeros(self.num_arms, dtype=torch.float64)
+        self.sums = torch.zeros(self.num_arms, dtype=torch.float64)
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {"counts": self.counts, "sums": self.sums}
+
+    def select(self, X: Tensor) -> Tensor:
+        X = self._check_contexts(X)
+        if (self.counts == 0).any():
+            arm = int((self.counts == 0).nonzero()[0])
+        else:
+            bonus = self.c * torch.sqrt(2 * math.log(self.counts.sum().item()) / self.counts)
+            arm = int((self.sums / self.counts + bonus).argmax())
+        return torch.full((X.shape[0],), arm, dtype=torch.long, device=self.device)
+
+    def update(self, X: Tensor, arms: Tensor, rewards: Tensor) -> None:
+        X, arms, rewards = self._check_update(X, arms, rewards)
+        self.counts.mul_(self.discount).index_add_(0, arms.cpu(), torch.ones(len(arms), dtype=torch.float64))
+        self.sums.mul_(self.discount).index_add_(0, arms.cpu(), rewards.cpu().double())
+        self.num_updates += 1
+
+
+class RandomArm(Bandit):
+    """Baseline: a uniformly random arm per row (the paper's random RM, per batch when the selector says so)."""
+
+    learns = False
+
+    def select(self, X: Tensor) -> Tensor:
+        return self._uniform_arms(self._check_contexts(X).shape[0])
+
+
+class FixedArm(Bandit):
+    """Baseline: always the same arm (single RM)."""
+
+    learns = False
+    min_arms = 1
+
+    def __init__(self, num_arms: int, dim: int | None = None, arm: int = 0, **kwargs):
+        super().__init__(num_arms, dim, **kwargs)
+        if not 0 <= arm < self.num_arms:
+            raise ValueError(f"fixed arm {arm} out of range for {self.num_arms} arms")
+        self.arm = int(arm)
+
+    def select(self, X: Tensor) -> Tensor:
+        return torch.full((self._check_contexts(X).shape[0],), self.arm, dtype=torch.long, device=self.device)
+
+
+class RoundRobin(Bandit):
+    """Baseline: the paper's sequential RMs; each select() call (one batch) uses the next arm in turn."""
+
+    learns = False
+
+    def __init__(self, num_arms: int, dim: int | None = None, **kwargs):
+        super().__init__(num_arms, dim, **kwargs)
+        self.turn = torch.zeros((), dtype=torch.long)
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {"turn": self.turn}
+
+    def select(self, X: Tensor) -> Tensor:
+        arm = int(self.turn) % self.num_arms
+        self.turn += 1
+        return torch.full((self._check_contexts(X).shape[0],), arm, dtype=torch.long, device=self.device)
+
+
+BANDITS: dict[str, type[Bandit]] = {
+    "linucb": LinUCB,
+    "thompson": LinearThompson,
+    "epsilon_greedy": LinearEpsilonGreedy,
+    "exp3": Exp3,
+    "ucb1": UCB1,
+    "random": RandomArm,
+    "fixed": FixedArm,
+    "round_robin": RoundRobin,
+}
+
+
+def make_bandit(name: str, num_arms: int, dim: int, **kwargs) -> Bandit:
+    """Build a bandit by name; kwargs that the chosen policy does not take are an error, not ignored."""
+    if name not in BANDITS:
+        raise ValueError(f"unknown bandit {name!r}; choose one of {sorted(BANDITS)}")
+    return BANDITS[name](num_arms, dim, **kwargs)

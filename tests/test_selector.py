@@ -1,0 +1,233 @@
+import math
+
+import pytest
+import torch
+
+from laser_rl import ENSEMBLE, RewardSelector
+from laser_rl.arms import ImplicitRewardArm, NoisyArm, RewardArmError, RuleArm, SequenceClassifierArm
+from laser_rl.context import ContextEncoder, prompt_hidden_states
+from laser_rl.synthetic import ClusteredRewardProblem
+
+
+class CountingArm(RuleArm):
+    """A rule arm that records every (prompt, response) it was asked to score."""
+
+    def __init__(self, name, value):
+        self.seen = []
+
+        def fn(prompts, responses, labels):
+            self.seen.extend(zip(prompts, responses))
+            return [value + len(r) for r in responses]
+
+        super().__init__(fn, name=name)
+
+
+def rule_arms(k=3):
+    return [CountingArm(f"rm{i}", 10.0 * i) for i in range(k)]
+
+
+def test_only_the_chosen_arm_scores_each_prompts_samples():
+    arms = rule_arms(3)
+    sel = RewardSelector(arms, baseline="random", seed=0)
+    contexts = torch.zeros(6, 1)
+    chosen = sel.select(contexts)
+    n = 4
+    prompts = [f"p{i}" for i in range(6) for _ in range(n)]
+    responses = [f"r{i}{j}" * (j + 1) for i in range(6) for j in range(n)]
+    rewards = sel.score(prompts, responses, chosen.repeat_interleave(n))
+    for i in range(6 * n):
+        k = int(chosen[i // n])
+        assert rewards[i] == 10.0 * k + len(responses[i])  # reward landed in its own slot
+        assert (prompts[i], responses[i]) in arms[k].seen
+        assert all((prompts[i], responses[i]) not in arms[j].seen for j in range(3) if j != k)
+    assert sel.metrics()["laser/rm_passes"] == 6 * n  # one RM pass per sample
+
+
+@pytest.mark.parametrize(
+    "baseline,expected",
+    [
+        ("mean", lambda s: s.mean(0)),
+        ("wco", lambda s: s.min(0).values),
+        ("uwo", lambda s: s.mean(0) - 0.5 * s.var(0, unbiased=False)),
+    ],
+)
+def test_score_ensembles_run_every_arm_and_cost_k_passes(baseline, expected):
+    arms = rule_arms(3)
+    sel = RewardSelector(arms, baseline=baseline)
+    chosen = sel.select(torch.zeros(2, 1))
+    assert (chosen == ENSEMBLE).all()
+    responses = ["a", "bbb", "cc", "dddd"]
+    rewards = sel.score(["p"] * 4, responses, chosen.repeat_interleave(2))
+    all_scores = torch.tensor([[10.0 * k + len(r) for r in responses] for k in range(3)])
+    assert torch.allclose(rewards, expected(all_scores))
+    assert sel.metrics()["laser/rm_passes"] == 3 * 4  # K passes per sample
+
+
+def test_nan_or_raising_arm_names_arm_and_sample():
+    bad = RuleArm(lambda p, r, l: [0.0 if x != "bad" else math.nan for x in r], name="flaky")
+    broken = RuleArm(lambda p, r, l: 1 / 0, name="broken")
+    sel = RewardSelector([bad, broken], baseline="single")
+    with pytest.raises(RewardArmError, match=r"'flaky' \(arm 0\) returned nan for sample 2 \(prompt 'q2'\)"):
+        sel.score(["q0", "q1", "q2"], ["ok", "ok", "bad"], torch.zeros(3, dtype=torch.long))
+    with pytest.raises(RewardArmError, match=r"'broken' \(arm 1\) failed.*division by zero"):
+        sel.score(["q0"], ["ok"], torch.ones(1, dtype=torch.long))
+
+    lenient = RewardSelector([bad, broken], baseline="single", skip_invalid=True)
+    rewards = lenient.score(["q0", "q1", "q2"], ["ok", "ok", "bad"], torch.zeros(3, dtype=torch.long))
+    assert torch.isnan(rewards[2]) and torch.isfinite(rewards[:2]).all()
+    assert lenient.metrics()["laser/invalid_samples"] == 1
+
+
+def test_invalid_samples_are_left_out_of_the_bandit_update():
+    arms = [RuleArm(lambda p, r, l: [float(x) for x in r], name=f"a{i}") for i in range(2)]
+    sel = RewardSelector(arms, context_dim=3, feedback="spread", skip_invalid=True, reward_warmup=1)
+    X = torch.eye(3)
+    chosen = sel.select(X)
+    scores = torch.tensor([[1.0, 2.0], [math.nan, 1.0], [0.0, 4.0]])
+    sel.feedback(X, chosen, scores=scores)
+    assert int(sel.bandit.counts.sum()) == 2  # the prompt with a NaN score taught the bandit nothing
+    m = sel.metrics()
+    assert m["laser/feedback_skipped"] == 1
+    assert torch.isfinite(sel.bandit.A_inv).all() and torch.isfinite(sel.bandit.theta).all()
+
+
+def test_bad_configuration_and_input_errors():
+    arms = rule_arms(2)
+    with pytest.raises(ValueError, match="unknown baseline"):
+        RewardSelector(arms, baseline="median")
+    with pytest.raises(ValueError, match="unknown feedback"):
+        RewardSelector(arms, context_dim=4, feedback="vibes")
+    with pytest.raises(ValueError, match="context_dim"):
+        RewardSelector(arms)
+    with pytest.raises(ValueError, match="unknown reward-model spec"):
+        RewardSelector(["no/such/model", "also-missing"], context_dim=4)
+    with pytest.raises(ValueError, match="at least 2 arms"):
+        RewardSelector(rule_arms(1), context_dim=4)
+    sel = RewardSelector(arms, context_dim=4)
+    with pytest.raises(ValueError, match="dimension mismatch"):
+        sel.select(torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="non-empty"):
+        sel.select(torch.zeros(0, 4))
+    with pytest.raises(ValueError, match="empty batch"):
+        sel.score([], [], torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="missing \\['ref_logps', 'response_lengths'\\]"):
+        sel.feedback(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), scores=torch.zeros(1, 2), policy_logps=torch.zeros(1, 2))
+    assert RewardSelector(rule_arms(1), baseline="single").num_arms == 1  # one RM is fine without a bandit
+
+
+def synthetic_selector_run(granularity, steps=60, batch=32, bandit="linucb", seed=0):
+    """The synthetic problem through the selector: raw rewards -> quantile normalization -> bandit."""
+    problem = ClusteredRewardProblem(seed=seed)
+    sel = RewardSelector(rule_arms(4), context_dim=problem.dim, bandit=bandit, granularity=granularity, seed=seed)
+    hits, noise, total = 0, 0, 0
+    for t in range(steps):
+        X, clusters = problem.contexts(batch)
+        domains = [f"cluster{c}" for c in clusters.tolist()]
+        arms = sel.select(X.float(), domains)
+        sel.feedback(X.float(), arms, raw_rewards=problem.rewards(X, arms))
+        metrics = sel.metrics()
+        if t >= 15:
+            hits += int((arms == clusters).sum())
+            noise += int((arms == problem.noise_arm).sum())
+            total += batch
+    return hits / total, noise / total, metrics
+
+
+@pytest.mark.parametrize("bandit", ["linucb", "thompson"])
+def test_per_prompt_selector_learns_each_clusters_best_rm(bandit):
+    best, noise, metrics = synthetic_selector_run("prompt", bandit=bandit)
+    assert best >= 0.9 and noise <= 0.05, (best, noise)
+    for c in range(3):  # per-domain metrics show the specialisation
+        assert metrics[f"laser/domain/cluster{c}/arm_frac/rm{c}"] >= 0.8
+    assert 0.5 < metrics["laser/arm_entropy"] <= 1.0
+
+
+def test_per_batch_selection_does_worse_on_mixed_batches():
+    best_prompt, _, _ = synthetic_selector_run("prompt")
+    best_batch, _, metrics = synthetic_selector_run("batch")
+    assert best_prompt - best_batch > 0.4
+    fractions = [v for k, v in metrics.items() if k.startswith("laser/arm_frac/")]
+    assert max(fractions) == 1.0  # one arm for the whole batch
+
+
+@pytest.mark.parametrize("bandit", ["linucb", "thompson", "exp3"])
+def test_restored_selector_makes_the_same_future_choices(bandit, tmp_path):
+    problem = ClusteredRewardProblem(seed=3)
+    make = lambda: RewardSelector(  # noqa: E731
+        rule_arms(3) + [NoisyArm(sigma=1.0, seed=7)], context_dim=problem.dim, bandit=bandit, seed=1
+    )
+    original = make()
+    batches = [problem.contexts(16)[0].float() for _ in range(12)]
+    raw = [torch.rand(16) for _ in range(12)]
+
+    def step(sel, i):
+        arms = sel.select(batches[i])
+        scores = sel.score(["p"] * 16, ["r"] * 16, arms)
+        sel.feedback(batches[i], arms, raw_rewards=raw[i])
+        return arms, scores
+
+    for i in range(6):
+        step(original, i)
+    original.save(str(tmp_path / "selector.pt"))
+    restored = make()
+    restored.load(str(tmp_path / "selector.pt"))
+    for i in range(6, 12):
+        arms_a, scores_a = step(original, i)
+        arms_b, scores_b = step(restored, i)
+        assert torch.equal(arms_a, arms_b) and torch.equal(scores_a, scores_b)
+    with pytest.raises(ValueError, match="selector state is for arms"):
+        RewardSelector(rule_arms(4), context_dim=problem.dim).load(str(tmp_path / "selector.pt"))
+
+
+def sequence_logps(model, tokenizer, prompt, response):
+    """Sum of log-probs of the response tokens given the prompt, and their count."""
+    p = tokenizer(prompt).input_ids
+    ids = torch.tensor([tokenizer(prompt + response).input_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None]).squeeze(1)
+    return float(logp[len(p) - 1 :].sum()), ids.shape[1] - len(p)
+
+
+def test_end_to_end_step_with_tiny_models(tokenizer, causal_lm, reference_lm, reward_model):
+    """Real contexts, four real arm types, pair_loss feedback from real log-probs, metrics."""
+    reference = reference_lm
+    prompts = ["What is 2 + 3?", "All cats are animals. Tom is a cat. Is Tom an animal?", "Write a happy poem."]
+    labels = ["5", "Yes", None]
+    n = 3
+    responses = [["The answer is 5.", "7", "5"], ["Yes.", "No.", "Maybe"], ["The sun!", "sea sun sea", "No."]]
+
+    def exact(p, r, l):
+        return [float(lab is not None and lab in resp) for resp, lab in zip(r, l)]
+
+    arms = [
+        RuleArm(exact, name="verifier"),
+        SequenceClassifierArm(reward_model, tokenizer, name="seqcls"),
+        ImplicitRewardArm(causal_lm, tokenizer, mode="likelihood", name="likelihood"),
+        NoisyArm(sigma=1.0, seed=0),
+    ]
+    encoder = ContextEncoder(causal_lm.config.hidden_size, proj_dim=16)
+    contexts = encoder(prompt_hidden_states(causal_lm, tokenizer, prompts))
+    sel = RewardSelector(arms, context_dim=encoder.dim, feedback="pair_loss", reward_warmup=1)
+    chosen = sel.select(contexts, domains=["math", "logic", "writing"])
+    flat_prompts = [p for p in prompts for _ in range(n)]
+    flat_responses = [r for rs in responses for r in rs]
+    flat_labels = [lab for lab in labels for _ in range(n)]
+    rewards = sel.score(flat_prompts, flat_responses, chosen.repeat_interleave(n), flat_labels)
+    assert rewards.shape == (9,) and torch.isfinite(rewards).all()
+
+    policy, ref, lengths = torch.zeros(3, n), torch.zeros(3, n), torch.zeros(3, n)
+    for i in range(3):
+        for j in range(n):
+            policy[i, j], lengths[i, j] = sequence_logps(causal_lm, tokenizer, prompts[i], responses[i][j])
+            ref[i, j], _ = sequence_logps(reference, tokenizer, prompts[i], responses[i][j])
+    normalized = sel.feedback(
+        contexts, chosen, scores=rewards.view(3, n), policy_logps=policy, ref_logps=ref, response_lengths=lengths
+    )
+    assert normalized.shape == (3,) and ((normalized >= 0) & (normalized <= 1)).all()
+    assert int(sel.bandit.counts.sum()) == 3
+    m = sel.metrics()
+    assert math.isclose(sum(m[f"laser/arm_frac/{a.name}"] for a in arms), 1.0)
+    assert m["laser/bandit_reward_raw"] < 0  # minus a loss
+    assert m["laser/rm_passes"] == 9 - 3 * int((chosen == 3).sum())  # the pure-noise arm runs no model
+    assert sum(m[f"laser/domain/math/arm_frac/{a.name}"] for a in arms) == 1.0
+    assert "laser/exploration_width" in m

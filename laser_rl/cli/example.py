@@ -1,13 +1,9 @@
-"""The `laser-rl` command.
-
-    laser-rl example            # per-prompt RM selection on the synthetic clustered problem (seconds, CPU)
-"""
+"""`laser-rl example`: per-prompt RM selection on the synthetic clustered problem (seconds, CPU)."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 from tqdm import tqdm
@@ -80,9 +76,7 @@ def plot_arm_choice(history: dict[str, list[list[float]]], names: list[str], pat
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="laser-rl", description="LASeR: adaptive reward-model selection for RL.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_parser(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("example", help="per-prompt RM selection on a synthetic problem (CPU, seconds)")
     ex.add_argument("--steps", type=int, default=150)
     ex.add_argument("--batch-size", type=int, default=32)
@@ -94,15 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--granularity", choices=("prompt", "batch"), default="prompt")
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--output-dir", default="laser_runs/example")
-    args = parser.parse_args(argv)
-    if args.command == "example":
-        if args.steps < 1 or args.batch_size < 1:
-            parser.error("--steps and --batch-size must be >= 1")
-        if args.baseline in ("mean", "wco", "uwo"):
-            parser.error("score ensembles need real reward models to score samples; the example has none")
-        run_example(args)
-    return 0
+    ex.set_defaults(run=run, parser=ex)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def run(args: argparse.Namespace) -> None:
+    if args.steps < 1 or args.batch_size < 1:
+        args.parser.error("--steps and --batch-size must be >= 1")
+    if args.baseline in ("mean", "wco", "uwo"):
+        args.parser.error("score ensembles need real reward models to score samples; the example has none")
+    run_example(args)

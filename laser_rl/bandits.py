@@ -10,6 +10,8 @@ so every policy, baselines included, runs through the same selector code.
 from __future__ import annotations
 
 import math
+import os
+from importlib.util import find_spec
 
 import torch
 from torch import Tensor
@@ -116,6 +118,10 @@ class LinearBandit(Bandit):
     The ridge prior theta = 0 predicts a reward of 0, so rewards should be centered: the selector
     passes its [0, 1]-normalized reward minus 0.5, which makes an untried arm look average rather
     than worst and lets a small alpha (the paper's 0.1) still explore.
+
+    backend: "torch" runs the code below; "triton" the fused kernels of laser_rl.kernels (scoring with
+    the argmax fused in, and one launch per step for every arm's Woodbury update; same results to
+    float32 rounding); "auto" takes Triton for float32 state on CUDA when triton is installed.
     """
 
     centered_rewards = True
@@ -130,6 +136,7 @@ class LinearBandit(Bandit):
         seed: int = 0,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        backend: str = "auto",
     ):
         if int(dim) < 1:
             raise ValueError(f"context dimension must be >= 1, got dim={dim}")
@@ -139,6 +146,8 @@ class LinearBandit(Bandit):
             raise ValueError(f"discount must lie in (0, 1], got {discount}")
         super().__init__(num_arms, int(dim), seed, device)
         self.lam, self.discount, self.refresh_every, self.dtype = float(lam), float(discount), int(refresh_every), dtype
+        self.backend = backend
+        self.use_triton = _use_triton(backend, self.device, dtype)
         eye = torch.eye(self.dim, device=self.device, dtype=dtype)
         self.A = (self.lam * eye).repeat(self.num_arms, 1, 1)  # [K, d, d], kept for exact refreshes
         self.A_inv = (eye / self.lam).repeat(self.num_arms, 1, 1)  # [K, d, d]
@@ -155,6 +164,9 @@ class LinearBandit(Bandit):
 
     def scores(self, X: Tensor) -> tuple[Tensor, Tensor]:
         """mean [B, K] = x . theta_k and width [B, K] = sqrt(x^T A_k^-1 x) (without alpha)."""
+        if self.use_triton:
+            mean, width, _, _ = self._triton_scores(X)
+            return mean, width
         X = self._check_contexts(X).to(self.device, self.dtype)
         mean = X @ self.theta.T
         # (X A_k^-1) * X summed over d, for all arms in one batched matmul; O(K B d^2).
@@ -163,6 +175,10 @@ class LinearBandit(Bandit):
 
     def update(self, X: Tensor, arms: Tensor, rewards: Tensor) -> None:
         X, arms, rewards = self._check_update(X, arms, rewards)
+        if self.use_triton and self.discount == 1.0:  # with a discount every inverse is recomputed anyway
+            self._triton_update(X, arms, rewards)
+            self.num_updates += 1
+            return
         X, rewards = X.to(self.device, self.dtype), rewards.to(self.device, self.dtype)
         arms = arms.to(self.device)
         if self.discount < 1.0:
@@ -194,6 +210,52 @@ class LinearBandit(Bandit):
         self.A_inv[k] = torch.cholesky_inverse(torch.linalg.cholesky(self.A[k]))
         self.updates_since_refresh[k] = 0
 
+    # ----- Triton path (laser_rl.kernels) ---------------------------------------------------------
+    def _triton_scores(self, X: Tensor, coef: float = 0.0, thompson: bool = False) -> tuple[Tensor, ...]:
+        """(mean, width, arms, chosen width) from the fused kernel; Thompson noise drawn as in the torch path."""
+        from laser_rl.kernels import score_select
+
+        X = self._check_contexts(X).to(self.device)  # bf16 hidden states stay bf16: the kernel upcasts on load
+        noise = None
+        if thompson:
+            noise = torch.randn((X.shape[0], self.num_arms), generator=self.generator, dtype=torch.float64)
+            noise = noise.to(self.device, self.dtype)
+        return score_select(X, self.theta, self.A_inv, coef, noise)
+
+    def _triton_update(self, X: Tensor, arms: Tensor, rewards: Tensor) -> None:
+        from laser_rl.kernels import linear_update
+
+        X, arms, rewards = X.to(self.device), arms.to(self.device), rewards.to(self.device, self.dtype)
+        rows = torch.bincount(arms, minlength=self.num_arms)
+        self.counts += rows
+        self.updates_since_refresh += rows > 0
+        # The same rule as the torch path: an exact inverse every refresh_every updates of an arm, or when the
+        # batch gives it so many rows that inverting is cheaper than Woodbury.
+        refresh = (rows > 0) & ((rows >= self.dim) | (self.updates_since_refresh >= self.refresh_every))
+        linear_update(self.A, self.A_inv, self.b, self.theta, X, arms, rewards, refresh)
+        self.updates_since_refresh[refresh] = 0
+
+
+def _use_triton(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Resolve a LinearBandit backend: True when the Triton kernels (laser_rl.kernels) do the work."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'triton' or 'torch'")
+    if backend == "torch":
+        return False
+    installed = find_spec("triton") is not None and find_spec("laser_rl.kernels") is not None
+    if backend == "auto":
+        return installed and device.type == "cuda" and dtype == torch.float32
+    if not installed:
+        raise ValueError("backend='triton' needs triton and laser_rl.kernels: pip install -e '.[kernels]'")
+    interpret = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+    if device.type != "cuda" and not interpret:
+        raise ValueError(
+            f"backend='triton' runs on CUDA; on {device} it needs TRITON_INTERPRET=1 (set before triton is imported)"
+        )
+    if dtype != torch.float32:
+        raise ValueError(f"backend='triton' keeps float32 statistics, got dtype={dtype}; use backend='torch'")
+    return True
+
 
 def woodbury_update(A_inv: Tensor, X: Tensor) -> Tensor:
     """(A + X^T X)^-1 from A^-1 for m new rows X [m, d], in place: O(m d^2 + m^3) instead of O(d^3).
@@ -216,6 +278,9 @@ class LinUCB(LinearBandit):
         self.last_width: Tensor | None = None  # width of the chosen arm at the last selection, for metrics
 
     def select(self, X: Tensor) -> Tensor:
+        if self.use_triton:  # scores, argmax and the chosen width in one fused pass
+            _, _, arms, self.last_width = self._triton_scores(X, self.alpha)
+            return arms
         mean, width = self.scores(X)
         arms = (mean + self.alpha * width).argmax(dim=1)
         self.last_width = width.gather(1, arms[:, None]).squeeze(1)
@@ -235,6 +300,9 @@ class LinearThompson(LinearBandit):
         self.last_width: Tensor | None = None
 
     def select(self, X: Tensor) -> Tensor:
+        if self.use_triton:  # the same draws, then scores and the sampled argmax in one fused pass
+            _, _, arms, self.last_width = self._triton_scores(X, self.v, thompson=True)
+            return arms
         mean, width = self.scores(X)
         noise = torch.randn(mean.shape, generator=self.generator, dtype=torch.float64).to(mean)
         arms = (mean + self.v * width * noise).argmax(dim=1)

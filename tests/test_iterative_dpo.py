@@ -1,0 +1,270 @@
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from laser_rl import ENSEMBLE, RewardSelector
+from laser_rl.arms import NoisyArm, RuleArm, SequenceClassifierArm
+from laser_rl.cli import main
+from laser_rl.context import ContextEncoder
+from laser_rl.iterative_dpo import (
+    IterativeDPOConfig,
+    Samples,
+    build_preference_pairs,
+    dpo_nll_loss,
+    encode_prompts,
+    iterative_dpo_step,
+    run_iterative_dpo,
+    sample_responses,
+    sequence_logps,
+)
+
+RECORDS = [
+    {"prompt": "What is 2 + 3?", "answer": "5", "domain": "math"},
+    {"prompt": "All cats are animals. Is Tom an animal?", "answer": "yes", "domain": "logic"},
+    {"prompt": "Write a short happy poem.", "answer": "sea", "domain": "chat"},
+]
+
+
+def _setup(tokenizer, causal_lm, reward_model, **selector_kwargs):
+    # Training changes weights in place: never train the session fixtures themselves.
+    policy, reference = copy.deepcopy(causal_lm), copy.deepcopy(causal_lm)
+    arms = [SequenceClassifierArm(reward_model, tokenizer, name="rm"), NoisyArm(sigma=1.0, seed=3)]
+    encoder = ContextEncoder(causal_lm.config.hidden_size)
+    selector = RewardSelector(arms, context_dim=encoder.dim, **selector_kwargs)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    return policy, reference, selector, encoder, optimizer
+
+
+def _config(**kw):
+    return IterativeDPOConfig(**{"batch_size": 3, "n_samples": 4, "max_new_tokens": 6, "lr": 1e-3, **kw})
+
+
+# ----- preference pairs --------------------------------------------------------------------------
+def _samples(tokenizer, P=3, n=4):
+    prompts = [f"prompt {p}" for p in range(P)]
+    responses = [[f"p{p} answer {j}" for j in range(n)] for p in range(P)]
+    return Samples(
+        prompts,
+        [tokenizer(x)["input_ids"] for x in prompts],
+        [[tokenizer(r)["input_ids"] for r in rs] for rs in responses],
+        responses,
+    )
+
+
+def test_pairs_are_best_vs_lower_ranked_within_each_prompt(tokenizer):
+    samples = _samples(tokenizer)
+    scores = torch.tensor([[0.1, 0.9, 0.5, -1.0], [2.0, 2.0, 2.0, 2.0], [0.0, 3.0, 3.0, 1.0]])
+    pairs = build_preference_pairs(scores, samples)
+    assert [(pr.chosen, pr.rejected) for pr in pairs[0]] == [(1, 3), (1, 0), (1, 2)]  # worst first
+    assert pairs[1] == []  # all tie: the RM expressed no preference
+    assert [(pr.chosen, pr.rejected) for pr in pairs[2]] == [(1, 0), (1, 3)]  # tie at the top: lowest index wins
+    for p, group in enumerate(pairs):
+        for pr in group:
+            assert pr.prompt_index == p and pr.prompt == samples.prompts[p]
+            assert pr.chosen_text in samples.responses[p] and pr.rejected_text in samples.responses[p]
+            assert pr.chosen_score > pr.rejected_score
+    limited = build_preference_pairs(scores, samples, max_pairs_per_prompt=1)
+    assert [(pr.chosen, pr.rejected) for pr in limited[0]] == [(1, 3)]
+
+
+def test_identical_responses_and_nan_scores_make_no_pair(tokenizer):
+    samples = _samples(tokenizer, P=1, n=3)
+    samples.response_ids[0][2] = samples.response_ids[0][0]  # sample 2 has the same tokens as the best
+    pairs = build_preference_pairs(torch.tensor([[1.0, 0.0, -1.0]]), samples)
+    assert [(pr.chosen, pr.rejected) for pr in pairs[0]] == [(0, 1)]
+    assert build_preference_pairs(torch.tensor([[math.nan, 1.0, math.nan]]))[0] == []
+    with pytest.raises(ValueError, match="n >= 2"):
+        build_preference_pairs(torch.zeros(2, 1))
+
+
+def test_pairs_never_mix_prompts_in_a_training_step(tokenizer, causal_lm, reward_model):
+    policy, reference, selector, encoder, optimizer = _setup(tokenizer, causal_lm, reward_model)
+    result = iterative_dpo_step(policy, reference, tokenizer, selector, encoder, optimizer, RECORDS, _config())
+    assert sum(len(g) for g in result.pairs) > 0
+    for p, group in enumerate(result.pairs):
+        for pr in group:
+            assert pr.prompt_index == p and pr.prompt == result.samples.prompts[p]
+            assert result.samples.responses[p][pr.chosen] == pr.chosen_text
+            assert result.samples.responses[p][pr.rejected] == pr.rejected_text
+            assert result.scores[p, pr.chosen] == result.scores[p].max()
+
+
+# ----- the loss ------------------------------------------------------------------------------------
+def test_dpo_nll_loss_equals_hand_computed_value():
+    pc = torch.tensor([-3.0, -3.0, -5.0])
+    pr = torch.tensor([-4.0, -6.0, -4.5])
+    rc = torch.tensor([-3.5, -3.5, -5.2])
+    rr = torch.tensor([-3.8, -5.0, -4.0])
+    lengths = torch.tensor([3.0, 3.0, 4.0])
+    loss, per_prompt, per_dpo = dpo_nll_loss(pc, pr, rc, rr, lengths, torch.tensor([0, 0, 2]), num_prompts=3, beta=0.1, nll_weight=1.0)
+
+    def neg_log_sigmoid(x):
+        return math.log1p(math.exp(-x))
+
+    # prompt 0: margins (-3+4)-(-3.5+3.8) = 0.7 and (-3+6)-(-3.5+5) = 1.5; NLL = 3/3
+    dpo0 = (neg_log_sigmoid(0.1 * 0.7) + neg_log_sigmoid(0.1 * 1.5)) / 2
+    # prompt 2: margin (-5+4.5)-(-5.2+4) = 0.7; NLL = 5/4
+    dpo2 = neg_log_sigmoid(0.1 * 0.7)
+    assert per_dpo[0].item() == pytest.approx(dpo0, abs=1e-6)
+    assert per_prompt[0].item() == pytest.approx(dpo0 + 1.0, abs=1e-6)
+    assert per_prompt[2].item() == pytest.approx(dpo2 + 1.25, abs=1e-6)
+    assert math.isnan(per_prompt[1].item())  # no pairs for prompt 1
+    assert loss.item() == pytest.approx((dpo0 + 1.0 + dpo2 + 1.25) / 2, abs=1e-6)
+    dpo_only, _, _ = dpo_nll_loss(pc, pr, rc, rr, lengths, torch.tensor([0, 0, 2]), 3, beta=0.1, nll_weight=0.0)
+    assert dpo_only.item() == pytest.approx((dpo0 + dpo2) / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="num_pairs"):
+        dpo_nll_loss(pc, pr[:2], rc, rr, lengths, torch.tensor([0, 0, 2]), 3)
+
+
+def test_sequence_logps_are_the_same_alone_and_in_a_batch(tokenizer, causal_lm):
+    prompts = [tokenizer("What is 2 + 3?")["input_ids"], tokenizer("Hi")["input_ids"]]
+    responses = [tokenizer(" The answer is 5.")["input_ids"], tokenizer(" yes")["input_ids"]]
+    with torch.no_grad():
+        batched, lengths = sequence_logps(causal_lm, prompts, responses, tokenizer.pad_token_id)
+        alone = torch.cat([sequence_logps(causal_lm, [p], [r], tokenizer.pad_token_id)[0] for p, r in zip(prompts, responses)])
+        # By hand for the second: sum of log-softmax at each response position.
+        ids = torch.tensor([prompts[1] + responses[1]])
+        logp = causal_lm(ids).logits.log_softmax(-1)[0, :-1].gather(1, ids[0, 1:, None]).squeeze(1)
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+    assert batched[1].item() == pytest.approx(logp[len(prompts[1]) - 1 :].sum().item(), abs=1e-5)
+    assert lengths.tolist() == [len(r) for r in responses]
+
+
+# ----- training and bandit feedback ---------------------------------------------------------------
+def test_step_trains_against_a_frozen_reference_and_feeds_minus_loss(tokenizer, causal_lm, reward_model):
+    policy, reference, selector, encoder, optimizer = _setup(tokenizer, causal_lm, reward_model)
+    frozen = {k: v.clone() for k, v in reference.state_dict().items()}
+    config = _config()
+    first = iterative_dpo_step(policy, reference, tokenizer, selector, encoder, optimizer, RECORDS, config)
+    # Policy == reference before the first update: every DPO margin is 0, so DPO = log 2.
+    assert first.metrics["train/dpo"] == pytest.approx(math.log(2), abs=1e-5)
+    # The bandit's raw reward is minus the per-prompt loss.
+    torch.testing.assert_close(selector.reward_normalizer.histories[0][-3:], -first.loss)
+    second = iterative_dpo_step(policy, reference, tokenizer, selector, encoder, optimizer, RECORDS, config)
+    assert abs(second.metrics["train/dpo"] - math.log(2)) > 1e-4  # the policy moved away from the reference
+    for k, v in reference.state_dict().items():
+        assert torch.equal(v, frozen[k]), f"reference weight {k} changed"
+    assert not any(p.requires_grad for p in reference.parameters())
+    assert all(p.grad is None for p in policy.parameters())
+
+
+def test_batch_granularity_and_baselines_run_through_the_selector(tokenizer, causal_lm, reward_model):
+    for kwargs, check in [
+        (dict(granularity="batch"), lambda arms: len(set(arms.tolist())) == 1),
+        (dict(baseline="mean"), lambda arms: (arms == ENSEMBLE).all()),
+        (dict(baseline="sequential"), lambda arms: len(set(arms.tolist())) == 1),
+        (dict(baseline="random", granularity="batch"), lambda arms: len(set(arms.tolist())) == 1),
+    ]:
+        policy, reference, selector, encoder, optimizer = _setup(tokenizer, causal_lm, reward_model, **kwargs)
+        result = iterative_dpo_step(policy, reference, tokenizer, selector, encoder, optimizer, RECORDS, _config())
+        assert check(result.arms), kwargs
+        assert math.isfinite(result.metrics["train/loss"])
+
+
+def test_a_prompt_with_a_failed_rm_score_gives_the_bandit_no_reward(tokenizer, causal_lm, reward_model):
+    policy, reference = copy.deepcopy(causal_lm), copy.deepcopy(causal_lm)
+    flaky = RuleArm(lambda p, r, l: [float("nan") if "poem" in x else 1.0 for x in p], name="flaky")
+    encoder = ContextEncoder(causal_lm.config.hidden_size)
+    selector = RewardSelector([flaky, NoisyArm(sigma=1.0)], context_dim=encoder.dim, baseline="single", skip_invalid=True)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    result = iterative_dpo_step(policy, reference, tokenizer, selector, encoder, optimizer, RECORDS, _config())
+    assert torch.isnan(result.bandit_rewards[2]) and torch.isfinite(result.bandit_rewards[:2]).all()
+    assert selector.metrics()["laser/feedback_skipped"] == 1.0
+
+
+@pytest.mark.parametrize("feedback", ["progress", "verifier", "spread"])
+def test_other_feedback_signals(tokenizer, causal_lm, reward_model, feedback):
+    selector_feedback = {"progress": "progress", "verifier": "verifier", "spread": "spread"}[feedback]
+    policy, reference, selector, encoder, optimizer = _setup(tokenizer, causal_lm, reward_model, feedback=selector_feedback)
+    result = iterative_dpo_step(policy, reference, tokenizer, selector, encoder, optimizer, RECORDS, _config(feedback=feedback))
+    assert result.bandit_rewards.shape == (3,)
+    if feedback != "verifier":  # the tiny model never answers right: no mixed pairs, so NaN is allowed there
+        assert torch.isfinite(result.bandit_rewards).all()
+    with pytest.raises(ValueError, match="feedback"):  # the selector must be built for the signal
+        iterative_dpo_step(policy, reference, tokenizer, RewardSelector(selector.arms, context_dim=encoder.dim), encoder, optimizer, RECORDS, _config(feedback=feedback))
+
+
+def test_run_loops_over_batches_and_validates(tokenizer, causal_lm, reward_model):
+    policy, reference, selector, encoder, _ = _setup(tokenizer, causal_lm, reward_model)
+    seen = []
+    history = run_iterative_dpo(policy, reference, tokenizer, selector, encoder, RECORDS, _config(batch_size=2, iterations=2),
+                                on_step=lambda step, r: seen.append(len(r.arms)))
+    assert seen == [2, 1, 2, 1] and len(history) == 4
+    assert "laser/arm_entropy" in history[0]
+    with pytest.raises(ValueError, match="separate frozen model"):
+        run_iterative_dpo(policy, policy, tokenizer, selector, encoder, RECORDS, _config())
+    with pytest.raises(ValueError, match="n_samples"):
+        _config(n_samples=1)
+    with pytest.raises(ValueError, match="feedback"):
+        _config(feedback="reward")
+
+
+def test_sampling_and_truncation_are_reported(tokenizer, causal_lm):
+    torch.manual_seed(0)
+    samples = sample_responses(causal_lm, tokenizer, ["What is 2 + 3?", "Hi"], n=3, max_new_tokens=5)
+    assert len(samples.responses) == 2 and all(len(r) == 3 for r in samples.responses)
+    assert all(1 <= len(ids) <= 5 for g in samples.response_ids for ids in g)
+    long = "The quick brown fox jumps over the lazy dog. " * 40
+    with pytest.warns(UserWarning, match="1 of 2 prompts exceeded 30 tokens"):
+        ids, kept, truncated = encode_prompts(tokenizer, [long, "short"], max_tokens=30)
+    assert truncated == 1 and len(ids[0]) <= 30 and kept[1] == "short"
+    assert kept[0].startswith("The quick") and kept[0].rstrip().endswith("dog.")  # cut in the middle
+    greedy = sample_responses(causal_lm, tokenizer, ["Hi"], n=2, max_new_tokens=4, temperature=0.0)
+    assert greedy.responses[0][0] == greedy.responses[0][1]
+
+
+# ----- CLI ------------------------------------------------------------------------------------------
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def saved_models(tmp_path, tokenizer, causal_lm, reward_model):
+    policy_dir, rm_dir = tmp_path / "policy", tmp_path / "rm"
+    causal_lm.save_pretrained(policy_dir)
+    tokenizer.save_pretrained(policy_dir)
+    reward_model.save_pretrained(rm_dir)
+    tokenizer.save_pretrained(rm_dir)
+    return str(policy_dir), str(rm_dir)
+
+
+def test_cli_iterative_dpo_end_to_end(tmp_path, saved_models, capsys):
+    policy_dir, rm_dir = saved_models
+    data = _write_jsonl(tmp_path / "prompts.jsonl", RECORDS * 2)
+    prefs = _write_jsonl(tmp_path / "prefs.jsonl", [
+        {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "7", "domain": "math"},
+        {"prompt": "Is Tom an animal?", "chosen": "Yes.", "rejected": "No.", "domain": "logic"},
+    ])
+    out = tmp_path / "run"
+    assert main([
+        "iterative-dpo", "--policy", policy_dir, "--reward-models", rm_dir, f"implicit:{policy_dir}", "noise",
+        "--data", data, "--eval-data", data, "--warm-start", prefs, "--batch-size", "3", "--n", "3",
+        "--max-new-tokens", "5", "--lr", "1e-3", "--output-dir", str(out), "--save-policy", "--device", "cpu",
+    ]) == 0
+    printed = capsys.readouterr().out
+    assert "warm start from 2 labeled pairs" in printed and "eval accuracy after training" in printed
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and "train/loss" in json.loads(lines[0])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and abs(sum(summary["arm_usage"].values()) - 1) < 1e-9
+    state = torch.load(out / "bandit.pt", weights_only=False)
+    assert state["selector"]["arm_names"] == ["rm", "policy", "noise"]
+    assert int(state["selector"]["bandit"]["counts"].sum()) == 2 * 3 + 6  # 2 prior rows x 3 arms + 6 prompts
+    assert (out / "policy" / "config.json").exists()
+
+
+def test_cli_iterative_dpo_rejects_bad_flags(tmp_path, saved_models, capsys):
+    policy_dir, rm_dir = saved_models
+    data = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    with pytest.raises(SystemExit):
+        main(["iterative-dpo", "--policy", policy_dir, "--reward-models", rm_dir, "--data", data, "--n", "1"])
+    assert "--n must be >= 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["iterative-dpo", "--policy", policy_dir, "--reward-models", rm_dir, "--data", data, "--feedback", "verifier"])
+    assert "needs an `answer`" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["iterative-dpo", "--policy", policy_dir, "--reward-models", rm_dir, "--data", str(tmp_path / "missing.jsonl")])

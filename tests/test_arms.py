@@ -155,6 +155,25 @@ def test_implicit_from_path(causal_lm, tokenizer, tmp_path):
     torch.testing.assert_close(arm.score(PROMPTS, RESPONSES), expected, atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_long_inputs_lose_the_prompt_start_not_the_response(reward_model, causal_lm, tokenizer):
+    prompt, response = "Once upon a time " * 40 + PROMPTS[0], RESPONSES[0]
+    full_ids = tokenizer(prompt + response)["input_ids"]
+    n_response = len(full_ids) - len(tokenizer(prompt)["input_ids"])
+    max_length = n_response + 6
+    assert len(full_ids) > 3 * max_length
+    kept = full_ids[-max_length:]  # what survives: the prompt's last tokens, then the whole response
+    ids = torch.tensor([kept])
+
+    classifier = SequenceClassifierArm(reward_model, tokenizer, max_length=max_length)
+    assert classifier.score([prompt], [response]).item() == pytest.approx(reward_model(input_ids=ids).logits[0, 0].item(), abs=1e-5)
+
+    implicit = ImplicitRewardArm(causal_lm, tokenizer, mode="likelihood", max_length=max_length)
+    logps = torch.log_softmax(causal_lm(input_ids=ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+    assert implicit.score([prompt], [response]).item() == pytest.approx(logps[-n_response:].mean().item(), abs=1e-4)
+    assert tokenizer.truncation_side == "right"  # the shared tokenizer's own setting is restored
+
+
 # --- RuleArm ---------------------------------------------------------------------------------
 
 

@@ -190,6 +190,22 @@ def test_state_dict_restores_future_choices(name):
         b.update(X, arms_b, r)
 
 
+@pytest.mark.parametrize("name", ["linucb", "epsilon_greedy"])
+def test_ties_at_the_prior_are_broken_at_random(name):
+    X = torch.nn.functional.normalize(torch.randn(400, 6, generator=torch.Generator().manual_seed(0)), dim=1)
+    first = make_bandit(name, 4, 6, seed=3, **({"epsilon": 0.0} if name == "epsilon_greedy" else {})).select(X)
+    assert torch.bincount(first, minlength=4).min() > 60  # not every prompt on arm 0
+    again = make_bandit(name, 4, 6, seed=3, **({"epsilon": 0.0} if name == "epsilon_greedy" else {})).select(X)
+    assert torch.equal(first, again)  # the tie-break is seeded
+    # Once arm 2 has learned a high reward, its rows are no longer tied and the choice is deterministic.
+    bandit = LinUCB(4, 6, alpha=0.0, seed=3)
+    X = X.abs() + 0.1  # positive contexts: arm 2's learned mean is positive on every row, the others' 0
+    bandit.update(X[:50], torch.full((50,), 2), torch.ones(50))
+    state = bandit.generator.get_state()
+    assert torch.equal(bandit.select(X[50:100]), torch.full((50,), 2))
+    assert torch.equal(bandit.generator.get_state(), state)  # no tie, no draw
+
+
 def test_same_seed_same_choices_different_seed_differs():
     X = torch.randn(64, 4)
     assert torch.equal(LinearThompson(4, 4, seed=1).select(X), LinearThompson(4, 4, seed=1).select(X))

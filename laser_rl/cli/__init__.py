@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from laser_rl.cli import agreement, best_of_n, example, iterative_dpo
+from laser_rl.cli import agreement, best_of_n, demo, example, iterative_dpo
 
-SUBCOMMANDS = [example, iterative_dpo, best_of_n, agreement]
+SUBCOMMANDS = [example, iterative_dpo, best_of_n, agreement, demo]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -268,6 +268,39 @@ def table(rows: list[dict], ceil: dict, card: str, update_precision: str) -> str
     return "\n".join(lines)
 
 
+def profile_update(B: int, d: int, K: int, update_precision: str, path: str | None) -> None:
+    """Where linear_update's time goes at one shape: torch.profiler's table of GPU kernels and host ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from laser_rl.kernels import linear_update_torch
+    from laser_rl.kernels.update import linear_update
+
+    gen = torch.Generator(device=DEV).manual_seed(B + d + K)
+    state = random_state(K, d, gen)
+    ref = {n: t.clone() for n, t in state.items()}
+    X = torch.randn(B, d, device=DEV, generator=gen)
+    arms = torch.randint(K, (B,), device=DEV, generator=gen)
+    rewards = torch.rand(B, device=DEV, generator=gen) - 0.5
+    no_refresh = torch.zeros(K, dtype=torch.bool, device=DEV)
+    for name, fn in (
+        ("linear_update (triton)", lambda: linear_update(*state.values(), X, arms, rewards, no_refresh, precision=update_precision)),
+        ("linear_update_torch", lambda: linear_update_torch(*ref.values(), X, arms, rewards, no_refresh)),
+    ):
+        with tf32(False):
+            fn()
+            fn()  # compiled and warm
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    fn()
+                torch.cuda.synchronize()
+        text = f"== {name}, B={B} d={d} K={K}, 5 calls\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
+        print(text, flush=True)
+        if path:
+            with open(path, "a") as fh:
+                fh.write(text + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096])
@@ -275,6 +308,8 @@ def main() -> None:
     parser.add_argument("--arms", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--quick", action="store_true", help="only B=1024, d=4096, K=8")
     parser.add_argument("--update-precision", default="tf32x3", choices=["tf32x3", "ieee", "tf32"])
+    parser.add_argument("--profile", metavar="FILE", nargs="?", const="", default=None,
+                        help="instead of the tables: profile linear_update at the step target's shape (to FILE too)")
     parser.add_argument("--md", help="also write the tables to this markdown file")
     parser.add_argument("--json", help="also write every number to this JSON file")
     parser.add_argument("--cpu-dry-run", action="store_true", help=argparse.SUPPRESS)
@@ -305,6 +340,11 @@ def main() -> None:
     ceil = ceilings()
     print(f"ceilings: {json.dumps({k: round(v, 1) for k, v in ceil.items()})}", flush=True)
 
+    if args.profile is not None:
+        if DEV != "cuda":
+            sys.exit("--profile needs a CUDA GPU")
+        profile_update(*TARGET_STEP, args.update_precision, args.profile or None)
+        return
     grid = [(B, d, K) for d in args.dims for K in args.arms for B in args.batches]
     # The targets' shapes first, so a run cut short by a time limit still has them.
     shapes = [TARGET_STEP] if args.quick else [s for s in (TARGET_STEP, TARGET_SCORE) if s in grid]

@@ -164,8 +164,8 @@ SM90_KERNELS = {
         "update",
         {"A_ptr": "*fp32", "Ainv_ptr": "*fp32", "B_ptr": "*fp32", "Xt_ptr": "*fp32", "Wt_ptr": "*fp32",
          "R_ptr": "*fp32", "OFF_ptr": "*i32", "WOOD_ptr": "*i32", "D": "i32", "NR": "i32"},
-        {"BLOCK": 64, "BLOCK_R": 32, "PRECISION": "tf32x3"},
-        8,
+        {"BLOCK": 64, "BLOCK_R": 64, "PRECISION": "tf32x3"},
+        4,
     ),
     "_theta_kernel": (
         "update",

@@ -13,8 +13,8 @@ Four steps; the O(m d^2) and O(d^2) work is in Triton, each kernel covering ever
   1. `_project_kernel`: U = X_k A_k^-1 for the rows of every Woodbury arm (a grouped matmul over rows sorted by arm);
   2. torch, per arm: the small m_k x m_k Cholesky of I + U_k X_k^T and the triangular solve W_k = L_k^-1 U_k
      (O(m^2 d + m^3), small next to the d x d work, and torch's solvers are robust);
-  3. `_apply_kernel`: one program per (arm, d-tile, d-tile) adds X_k^T X_k to its tile of A_k and subtracts W_k^T W_k
-     from its tile of A_k^-1; the programs of the first column tile also add X_k^T r_k to b_k. (A variant that also
+  3. `_apply_kernel`: per (arm, d-tile, d-tile), one program adds X_k^T X_k to its tile of A_k and another subtracts
+     W_k^T W_k from its tile of A_k^-1; the A programs of the first column tile also add X_k^T r_k to b_k. (A variant that also
      formed theta from each new row panel of A^-1 kept two accumulators and a panel loop live and spilled registers
      on sm_90, so theta has its own pass.)
   4. `_theta_kernel`: theta_k = A_k^-1 b_k for every arm with rows (a batched matrix-vector product).
@@ -105,7 +105,11 @@ def _apply_kernel(
     BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    arm = tl.program_id(0)
+    # Program axis 0 is (arm, matrix): even programs add X^T X to A (and X^T r to b), odd ones subtract W^T W from
+    # A^-1. One accumulator per program keeps registers low enough for several blocks per SM: with both in one
+    # program (219 registers, one block per SM) this kernel took 80% of the update on an H200.
+    arm = tl.program_id(0) // 2
+    second = tl.program_id(0) % 2
     pid_i = tl.program_id(1)
     pid_j = tl.program_id(2)
     lo = tl.load(OFF_ptr + arm)
@@ -121,15 +125,16 @@ def _apply_kernel(
         tile = ri[:, None] * D + rj[None, :]
         mask = i_mask[:, None] & j_mask[None, :]
         # Transposed layouts: both dot operands are contiguous along the reduction (row) axis.
-        xx = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)  # (X^T X)[i-tile, j-tile]
-        for r0 in range(lo, hi, BLOCK_R):
-            rr = r0 + tl.arange(0, BLOCK_R)
-            r_mask = rr[None, :] < hi
-            x_i = tl.load(Xt_ptr + ri[:, None] * NR + rr[None, :], mask=i_mask[:, None] & r_mask, other=0.0)
-            x_j = tl.load(Xt_ptr + rj[:, None] * NR + rr[None, :], mask=j_mask[:, None] & r_mask, other=0.0)
-            xx = tl.dot(x_i, tl.trans(x_j), xx, input_precision=PRECISION)
-        tl.store(A_arm + tile, tl.load(A_arm + tile, mask=mask, other=0.0) + xx, mask=mask)
-        if tl.load(WOOD_ptr + arm) != 0:
+        if second == 0:
+            xx = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)  # (X^T X)[i-tile, j-tile]
+            for r0 in range(lo, hi, BLOCK_R):
+                rr = r0 + tl.arange(0, BLOCK_R)
+                r_mask = rr[None, :] < hi
+                x_i = tl.load(Xt_ptr + ri[:, None] * NR + rr[None, :], mask=i_mask[:, None] & r_mask, other=0.0)
+                x_j = tl.load(Xt_ptr + rj[:, None] * NR + rr[None, :], mask=j_mask[:, None] & r_mask, other=0.0)
+                xx = tl.dot(x_i, tl.trans(x_j), xx, input_precision=PRECISION)
+            tl.store(A_arm + tile, tl.load(A_arm + tile, mask=mask, other=0.0) + xx, mask=mask)
+        elif tl.load(WOOD_ptr + arm) != 0:
             ww = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)  # (W^T W)[i-tile, j-tile]
             for r0 in range(lo, hi, BLOCK_R):
                 rr = r0 + tl.arange(0, BLOCK_R)
@@ -138,7 +143,7 @@ def _apply_kernel(
                 w_j = tl.load(Wt_ptr + rj[:, None] * NR + rr[None, :], mask=j_mask[:, None] & r_mask, other=0.0)
                 ww = tl.dot(w_i, tl.trans(w_j), ww, input_precision=PRECISION)
             tl.store(Ainv_arm + tile, tl.load(Ainv_arm + tile, mask=mask, other=0.0) - ww, mask=mask)
-        if pid_j == 0:  # one program per row tile adds (X^T r)[i-tile] to b: no other program touches it
+        if (pid_j == 0) & (second == 0):  # one program per row tile adds (X^T r)[i-tile] to b: no other touches it
             xr = tl.zeros((BLOCK,), dtype=tl.float32)
             for r0 in range(lo, hi, BLOCK_R):
                 rr = r0 + tl.arange(0, BLOCK_R)
@@ -220,10 +225,12 @@ def linear_update(
     if INTERPRETED:
         bm, bn, bk, warps, stages = block(nr, 16, 32), block(d, 16, 32), block(d, 16, 32), 4, 1
         bt, br, bv, bvj = block(d, 16, 32), 16, block(d, 16, 32), block(d, 16, 32)
+        apply_warps, apply_stages = 4, 1
     else:
         bm, bn, bk, warps, stages = 64, 128, 32, 8, 3
-        # Read off the sm_90 resource report (no spills with tf32x3 at 8 warps); to be tuned on a GPU.
-        bt, br, bv, bvj = 64, 32, 16, 256
+        # _apply_kernel's tiles, from a sweep on an H200 at B = 1024, d = 4096, K = 8: 64 x 64 tiles, 64 rows per
+        # step, 4 warps, 2 stages took 2.9 ms; the first choice (64 x 64, 32 rows, 8 warps, 3 stages) took 9.7 ms.
+        bt, br, apply_warps, apply_stages, bv, bvj = 64, 64, 4, 2, 16, 256
 
     Wt = torch.empty((d, nr), device=dev, dtype=torch.float32)
     if any(wood_host):
@@ -241,9 +248,9 @@ def linear_update(
                 L = torch.linalg.cholesky(S)
                 Wt[:, lo:hi] = torch.linalg.solve_triangular(L, U_k, upper=False).T
 
-    _apply_kernel[(K, triton.cdiv(d, bt), triton.cdiv(d, bt))](
+    _apply_kernel[(2 * K, triton.cdiv(d, bt), triton.cdiv(d, bt))](
         A, A_inv, b, Xs.T.contiguous(), Wt, rs, offsets, wood, d, nr,
-        BLOCK=bt, BLOCK_R=br, PRECISION=precision, num_warps=warps, num_stages=stages,
+        BLOCK=bt, BLOCK_R=br, PRECISION=precision, num_warps=apply_warps, num_stages=apply_stages,
     )
     for k in range(K):  # the core's exact refreshes (rare): A and b are already up to date
         if rows_host[k] and not wood_host[k]:

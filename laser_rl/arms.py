@@ -466,7 +466,11 @@ def make_arm(spec, **kwargs) -> RewardArm:
         except ValueError as e:
             raise ValueError(f"bad noise spec {spec!r}: expected noise or noise:<sigma>") from e
     if spec.startswith("implicit:"):
-        return ImplicitRewardArm(spec.removeprefix("implicit:"), **{"mode": "likelihood", **kwargs})
+        path = spec.removeprefix("implicit:")
+        model, at, ref = path.rpartition("@")
+        if at and not os.path.isdir(path):  # implicit:<dir>@<ref_dir>: the DPO reward against its reference
+            return ImplicitRewardArm(model, ref_model=ref, **{"mode": "dpo", **kwargs})
+        return ImplicitRewardArm(path, **{"mode": "likelihood", **kwargs})
     # A directory wins over module:function, since a directory name may contain ':'.
     if os.path.isdir(spec):
         return SequenceClassifierArm(spec, **kwargs)
@@ -483,5 +487,5 @@ def make_arm(spec, **kwargs) -> RewardArm:
         return RuleArm(fn, **kwargs)
     raise ValueError(
         f"unknown reward-model spec {spec!r}: expected an http(s) URL, module:function, a local model directory, "
-        "implicit:<dir> or noise[:sigma]"
+        "implicit:<dir>[@<ref_dir>] or noise[:sigma]"
     )

@@ -155,6 +155,19 @@ def test_implicit_from_path(causal_lm, tokenizer, tmp_path):
     torch.testing.assert_close(arm.score(PROMPTS, RESPONSES), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_implicit_dpo_from_paths(causal_lm, reference_lm, tokenizer, tmp_path):
+    for name, model in (("dpo-model", causal_lm), ("sft-ref", reference_lm)):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    arm = make_arm(f"implicit:{tmp_path / 'dpo-model'}@{tmp_path / 'sft-ref'}", beta=0.5)
+    assert isinstance(arm, ImplicitRewardArm) and arm.mode == "dpo" and arm.passes_per_sample == 2
+    expected = ImplicitRewardArm(causal_lm, tokenizer, ref_model=reference_lm, beta=0.5).score(PROMPTS, RESPONSES)
+    torch.testing.assert_close(arm.score(PROMPTS, RESPONSES), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected, torch.zeros_like(expected))  # two different models: a real margin
+    with pytest.raises(ValueError, match="no-such-ref"):
+        make_arm(f"implicit:{tmp_path / 'dpo-model'}@{tmp_path / 'no-such-ref'}")
+
+
 @torch.no_grad()
 def test_long_inputs_lose_the_prompt_start_not_the_response(reward_model, causal_lm, tokenizer):
     prompt, response = "Once upon a time " * 40 + PROMPTS[0], RESPONSES[0]

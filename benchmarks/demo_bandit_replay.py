@@ -24,7 +24,7 @@ from tqdm import tqdm
 from laser_rl.arms import RuleArm
 from laser_rl.context import ContextEncoder
 from laser_rl.demo.grpo import sample
-from laser_rl.demo.run import DemoAssets, DemoConfig, tied_with_best
+from laser_rl.demo.run import DemoAssets, DemoConfig, label_and_score, tied_with_best
 from laser_rl.demo.tasks import DOMAINS
 from laser_rl.feedback import verifier_agreement
 from laser_rl.selector import RewardSelector
@@ -52,12 +52,11 @@ def collect(path: str, prompts: int, n: int = 8, chunk: int = 24) -> dict:
         for start in tqdm(range(0, len(tasks), chunk), desc=f"logging {domain}"):
             part = tasks[start : start + chunk]
             rollout = sample(assets.reference, assets.tokenizer, [t.prompt for t in part], n, config.max_new_tokens, config.temperature)
-            flat = [part[i // n] for i in range(len(rollout.responses))]
+            labels, arm_scores = label_and_score(part, rollout, assets.arm_list)
             hidden.append(rollout.context_hidden)
-            correct.append(torch.tensor([t.correct(r) for t, r in zip(flat, rollout.responses)]).reshape(-1, n))
-            for arm in assets.arm_list:
-                s = arm.score([t.prompt for t in flat], rollout.responses, [t.answer for t in flat])
-                scores[arm.name].append(s.reshape(-1, n))
+            correct.append(labels)
+            for name, s in arm_scores.items():
+                scores[name].append(s)
         log[domain] = {"hidden": torch.cat(hidden), "correct": torch.cat(correct), "scores": {k: torch.cat(v) for k, v in scores.items()}}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(log, path)

@@ -102,19 +102,24 @@ def random_state(K: int, d: int, gen: torch.Generator) -> dict[str, torch.Tensor
     }
 
 
+def random_batch(B: int, d: int, K: int):
+    """The state, contexts, arms, rewards and an all-False refresh mask that every timing at (B, d, K) uses."""
+    gen = torch.Generator(device=DEV).manual_seed(B + d + K)
+    state = random_state(K, d, gen)
+    X = torch.randn(B, d, device=DEV, generator=gen)
+    arms = torch.randint(K, (B,), device=DEV, generator=gen)
+    rewards = torch.rand(B, device=DEV, generator=gen) - 0.5
+    return state, X, arms, rewards, torch.zeros(K, dtype=torch.bool, device=DEV)
+
+
 def run_shape(B: int, d: int, K: int, ceil: dict[str, float], update_precision: str) -> dict[str, float]:
     from laser_rl.bandits import LinUCB
     from laser_rl.kernels import linear_update_torch, score_select_torch
     from laser_rl.kernels.scoring import score_select
     from laser_rl.kernels.update import linear_update
 
-    gen = torch.Generator(device=DEV).manual_seed(B + d + K)
     r: dict[str, float] = {"B": B, "d": d, "K": K}
-    state = random_state(K, d, gen)
-    X = torch.randn(B, d, device=DEV, generator=gen)
-    arms = torch.randint(K, (B,), device=DEV, generator=gen)
-    rewards = torch.rand(B, device=DEV, generator=gen) - 0.5
-    no_refresh = torch.zeros(K, dtype=torch.bool, device=DEV)
+    state, X, arms, rewards, no_refresh = random_batch(B, d, K)
 
     # ----- scoring ---------------------------------------------------------------------------------
     alpha = 0.1
@@ -275,13 +280,8 @@ def profile_update(B: int, d: int, K: int, update_precision: str, path: str | No
     from laser_rl.kernels import linear_update_torch
     from laser_rl.kernels.update import linear_update
 
-    gen = torch.Generator(device=DEV).manual_seed(B + d + K)
-    state = random_state(K, d, gen)
+    state, X, arms, rewards, no_refresh = random_batch(B, d, K)
     ref = {n: t.clone() for n, t in state.items()}
-    X = torch.randn(B, d, device=DEV, generator=gen)
-    arms = torch.randint(K, (B,), device=DEV, generator=gen)
-    rewards = torch.rand(B, device=DEV, generator=gen) - 0.5
-    no_refresh = torch.zeros(K, dtype=torch.bool, device=DEV)
     for name, fn in (
         ("linear_update (triton)", lambda: linear_update(*state.values(), X, arms, rewards, no_refresh, precision=update_precision)),
         ("linear_update_torch", lambda: linear_update_torch(*ref.values(), X, arms, rewards, no_refresh)),

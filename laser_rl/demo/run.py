@@ -130,6 +130,16 @@ def evaluate(policy, tokenizer, tasks: dict[str, list[Task]], max_new_tokens: in
 
 
 @torch.no_grad()
+def label_and_score(tasks: list[Task], rollout, arms) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Verifier labels [P, n] of a rollout of `tasks` (rollout.n samples each) and every arm's scores [P, n]."""
+    n = rollout.n
+    flat = [tasks[i // n] for i in range(len(rollout.responses))]
+    correct = torch.tensor([t.correct(r) for t, r in zip(flat, rollout.responses)]).reshape(-1, n)
+    prompts, answers = [t.prompt for t in flat], [t.answer for t in flat]
+    return correct, {arm.name: arm.score(prompts, rollout.responses, answers).reshape(-1, n) for arm in arms}
+
+
+@torch.no_grad()
 def probe_arm_accuracy(assets: DemoAssets, policy, seed: int) -> dict[str, dict[str, float]]:
     """Each arm's accuracy per domain: pairwise agreement with the verifier on samples of the policy.
 
@@ -154,11 +164,9 @@ def probe_arm_accuracy(assets: DemoAssets, policy, seed: int) -> dict[str, dict[
             rollout = sample(policy, assets.tokenizer, [t.prompt for t in tasks], n, cfg.max_new_tokens, cfg.temperature)
             if start == 0:
                 hidden.append(rollout.context_hidden)
-            flat = [tasks[i // n] for i in range(len(rollout.responses))]
-            correct = torch.tensor([t.correct(r) for t, r in zip(flat, rollout.responses)]).reshape(-1, n)
-            for arm in arms:
-                scores = arm.score([t.prompt for t in flat], rollout.responses, [t.answer for t in flat]).reshape(-1, n)
-                per_arm[arm.name].append(verifier_agreement(scores, correct))
+            correct, scores = label_and_score(tasks, rollout, arms)
+            for name, arm_scores in scores.items():
+                per_arm[name].append(verifier_agreement(arm_scores, correct))
             mixed += int((correct.any(1) & ~correct.all(1)).sum())
             if mixed >= cfg.probe_min_mixed:
                 break

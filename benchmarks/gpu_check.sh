@@ -10,7 +10,9 @@
 #   1. records the card and versions                            -> $OUT/env.txt
 #   2. runs tests/test_kernels.py compiled on CUDA (no interpreter; tf32 checked at 1e-3, the rest at 1e-4)
 #                                                                -> $OUT/test_kernels.log
-#   3. runs benchmarks/kernels.py, the targets' shapes first, tables rewritten after every shape
+#   3. profiles linear_update and one LinUCB step at the step target's shape (torch.profiler tables)
+#                                                                -> $OUT/profile.txt
+#   4. runs benchmarks/kernels.py, the targets' shapes first, tables rewritten after every shape
 #                                                                -> $OUT/kernels.log, kernels.md, kernels.json
 # and prints the tables last (the tool returns the end of the output). Each step has its own time limit, so a
 # slow step leaves the others' files behind.
@@ -57,6 +59,12 @@ for key, err in sorted(worst.items()):
     print(f"max error {key}: {err:.1e}")
 PYEOF
 echo "tests exit code: $test_rc ($((SECONDS - start)) s so far)"
+
+echo "== profile at B=1024, d=4096, K=8 (top GPU kernels of each table)"
+timeout 150 $PY benchmarks/kernels.py --profile "$OUT/profile.txt" > "$OUT/profile.log" 2>&1
+echo "profile exit code: $? ($((SECONDS - start)) s so far)"
+awk '/^== /{print; n=0; next} /^-----/{next} /Name/{next} {if (n++ < 6) print substr($0, 1, 56) "  self " $(NF-3) ", avg " $(NF-1) " x" $NF}' \
+  "$OUT/profile.txt" 2>/dev/null
 
 echo "== benchmarks/kernels.py"
 left=$((500 - (SECONDS - start)))

@@ -163,9 +163,19 @@ def run_shape(B: int, d: int, K: int, ceil: dict[str, float], update_precision: 
     )
     with tf32(False):
         r["update_torch_ms"] = bench(lambda: linear_update_torch(*s_ref.values(), X, arms, rewards, no_refresh))
+    from laser_rl.kernels import update as update_module
+
+    r["update_config"] = " ".join(  # the autotuner's picks for this shape, where it ran
+        f"{name} " + "x".join(str(v) for v in tuner.best_config.kwargs.values())
+        + f" w{tuner.best_config.num_warps} s{tuner.best_config.num_stages}"
+        for name, tuner in sorted(update_module._TUNED.items()) if getattr(tuner, "best_config", None)
+    ) or "fixed"
     m = torch.bincount(arms, minlength=K).double()
-    flops = 6 * B * d * d + 2 * K * d * d + 3 * float((m**2).sum()) * d
-    nbytes = 4 * (6 * K * d * d + 2 * K * d + B * d + B) + 8 * B  # A r/w, A^-1 read x3 + write, b, theta, X, r
+    # Work done: X A^-1 (2 B d^2), the symmetric corrections of A and A^-1 (one triangle each: B d^2 + B d^2),
+    # theta (2 K d^2) and the small factors (~3 m^2 d per arm). Fewest bytes: A^-1 read by the projection, half
+    # of it by the corrections and all of it for theta, written once; half of A read and all of it written.
+    flops = 4 * B * d * d + 2 * K * d * d + 3 * float((m**2).sum()) * d
+    nbytes = 4 * (5 * K * d * d + 2 * K * d + B * d + B) + 8 * B
     r["update_tflops"] = flops / r["update_ms"] / 1e9
     r["update_gbs"] = nbytes / r["update_ms"] / 1e6
     r["update_pct_copy"] = 100 * r["update_gbs"] / ceil["copy_gbs"]
@@ -184,6 +194,8 @@ def run_shape(B: int, d: int, K: int, ceil: dict[str, float], update_precision: 
         with tf32(False):
             step()  # warm-up outside the timer (compilation, autotuning)
             r[f"step_{backend}_ms"] = bench(step, rep_ms=200)
+        # The bandit's choices set the update's shape (rows per arm): the largest arm's share of the last batch.
+        r[f"step_{backend}_top_arm"] = float(torch.bincount(bandit.select(X), minlength=K).max()) / B
         bandit = None
         empty_cache()
     return r
@@ -232,26 +244,28 @@ def table(rows: list[dict], ceil: dict, card: str, update_precision: str) -> str
         "",
         f"Update (linear_update, {update_precision}, all arms per launch) vs linear_update_torch (the core's loop):",
         "",
-        "| B | d | K | triton ms | torch ms | speedup | TFLOP/s | GB/s | % copy | A^-1 err | theta err |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| B | d | K | triton ms | torch ms | speedup | TFLOP/s | GB/s | % copy | A^-1 err | theta err | tiles |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['B']} | {r['d']} | {r['K']} | {f(r['update_ms'], 3)} | {f(r['update_torch_ms'], 3)} | "
             f"{f(r['update_torch_ms'] / r['update_ms'], 1)}x | {f(r['update_tflops'], 0)} | {f(r['update_gbs'], 0)} | "
-            f"{f(r['update_pct_copy'], 0)}% | {r['update_err_Ainv']:.1e} | {r['update_err_theta']:.1e} |"
+            f"{f(r['update_pct_copy'], 0)}% | {r['update_err_Ainv']:.1e} | {r['update_err_theta']:.1e} | "
+            f"{r['update_config']} |"
         )
     lines += [
         "",
         "One LinUCB step (select B prompts + update with their rewards), backend='triton' vs backend='torch':",
         "",
-        "| B | d | K | triton ms | torch ms | speedup |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| B | d | K | triton ms | torch ms | speedup | largest arm's share (triton / torch) |",
+        "|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['B']} | {r['d']} | {r['K']} | {f(r['step_triton_ms'], 3)} | {f(r['step_torch_ms'], 3)} | "
-            f"{f(r['step_torch_ms'] / r['step_triton_ms'], 1)}x |"
+            f"{f(r['step_torch_ms'] / r['step_triton_ms'], 1)}x | {f(r['step_triton_top_arm'])} / "
+            f"{f(r['step_torch_top_arm'])} |"
         )
     by_shape = {(r["B"], r["d"], r["K"]): r for r in rows}
     lines.append("")
@@ -274,17 +288,21 @@ def table(rows: list[dict], ceil: dict, card: str, update_precision: str) -> str
 
 
 def profile_update(B: int, d: int, K: int, update_precision: str, path: str | None) -> None:
-    """Where linear_update's time goes at one shape: torch.profiler's table of GPU kernels and host ops."""
+    """Where the time goes at one shape: torch.profiler's table of GPU kernels and host ops for linear_update
+    (Triton and torch) and for one whole LinUCB step (select + update) on the Triton backend."""
     from torch.profiler import ProfilerActivity, profile
 
+    from laser_rl.bandits import LinUCB
     from laser_rl.kernels import linear_update_torch
     from laser_rl.kernels.update import linear_update
 
     state, X, arms, rewards, no_refresh = random_batch(B, d, K)
     ref = {n: t.clone() for n, t in state.items()}
+    bandit = LinUCB(K, d, alpha=0.1, refresh_every=10**9, backend="triton", device=DEV)
     for name, fn in (
         ("linear_update (triton)", lambda: linear_update(*state.values(), X, arms, rewards, no_refresh, precision=update_precision)),
         ("linear_update_torch", lambda: linear_update_torch(*ref.values(), X, arms, rewards, no_refresh)),
+        ("LinUCB step (triton): select + update", lambda: bandit.update(X, bandit.select(X), rewards)),
     ):
         with tf32(False):
             fn()

@@ -35,19 +35,19 @@ class Bandit:
         self.num_updates = 0
 
     # ----- input checks -------------------------------------------------------------------------
-    def _check_contexts(self, X: Tensor) -> Tensor:
+    def _check_contexts(self, X: Tensor, values: bool = True) -> Tensor:
         if not isinstance(X, Tensor) or X.dim() != 2:
             raise ValueError(f"contexts must be a 2-D tensor [batch, dim], got {getattr(X, 'shape', type(X))}")
         if X.shape[0] == 0:
             raise ValueError("empty batch: contexts has 0 rows")
         if self.dim is not None and X.shape[1] != self.dim:
             raise ValueError(f"context dimension mismatch: bandit was built for dim={self.dim}, got {X.shape[1]}")
-        if not torch.isfinite(X).all():
+        if values and not torch.isfinite(X).all():
             raise ValueError("contexts contain NaN or inf")
         return X
 
     def _check_update(self, X: Tensor, arms: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        X = self._check_contexts(X)
+        X = self._check_contexts(X, values=False)
         arms = torch.as_tensor(arms, device=X.device).long().reshape(-1)
         rewards = torch.as_tensor(rewards, device=X.device).reshape(-1)
         if arms.shape[0] != X.shape[0] or rewards.shape[0] != X.shape[0]:
@@ -55,9 +55,15 @@ class Bandit:
                 f"update needs one arm and one reward per context: got {X.shape[0]} contexts, "
                 f"{arms.shape[0]} arms, {rewards.shape[0]} rewards"
             )
-        if ((arms < 0) | (arms >= self.num_arms)).any():
+        # The three value checks in one device-to-host transfer: on a GPU each separate check is a sync.
+        finite_x, arms_ok, finite_r = torch.stack([
+            torch.isfinite(X).all(), ((arms >= 0) & (arms < self.num_arms)).all(), torch.isfinite(rewards).all(),
+        ]).tolist()
+        if not finite_x:
+            raise ValueError("contexts contain NaN or inf")
+        if not arms_ok:
             raise ValueError(f"arm indices must lie in [0, {self.num_arms}), got {arms.unique().tolist()}")
-        if not torch.isfinite(rewards).all():
+        if not finite_r:
             raise ValueError("rewards contain NaN or inf: drop those rows before updating the bandit")
         return X, arms, rewards
 
@@ -167,42 +173,37 @@ class LinearBandit(Bandit):
         if self.use_triton:
             mean, width, _, _ = self._triton_scores(X)
             return mean, width
-        X = self._check_contexts(X).to(self.device, self.dtype)
-        mean = X @ self.theta.T
-        # (X A_k^-1) * X summed over d, for all arms in one batched matmul; O(K B d^2).
-        quad = torch.einsum("kbd,bd->bk", torch.matmul(X.unsqueeze(0), self.A_inv), X)
-        return mean, quad.clamp_min(0).sqrt()
+        return ridge_scores(self._check_contexts(X).to(self.device, self.dtype), self.theta, self.A_inv)
 
     def update(self, X: Tensor, arms: Tensor, rewards: Tensor) -> None:
         X, arms, rewards = self._check_update(X, arms, rewards)
-        if self.use_triton and self.discount == 1.0:  # with a discount every inverse is recomputed anyway
-            self._triton_update(X, arms, rewards)
-            self.num_updates += 1
-            return
-        X, rewards = X.to(self.device, self.dtype), rewards.to(self.device, self.dtype)
-        arms = arms.to(self.device)
-        if self.discount < 1.0:
+        # bf16 hidden states stay bf16 on the Triton path: its kernels upcast as they load.
+        X = X.to(self.device) if self.use_triton else X.to(self.device, self.dtype)
+        arms, rewards = arms.to(self.device), rewards.to(self.device, self.dtype)
+        # index_add_ rather than bincount: on a GPU, bincount syncs to size its output.
+        rows = torch.zeros(self.num_arms, dtype=torch.long, device=self.device).index_add_(0, arms, torch.ones_like(arms))
+        self.counts += rows
+        self.updates_since_refresh += rows > 0
+        if self.discount < 1.0:  # A changes by more than X^T X: every arm's inverse is recomputed
             eye = torch.eye(self.dim, device=self.device, dtype=self.dtype)
             self.A.mul_(self.discount).add_((1 - self.discount) * self.lam * eye)
             self.b.mul_(self.discount)
-        for k in arms.unique().tolist():
-            rows = arms == k
-            Xk, rk = X[rows], rewards[rows]
-            self.A[k].addmm_(Xk.T, Xk)
-            self.b[k] += Xk.T @ rk
-            self.counts[k] += Xk.shape[0]
-            self.updates_since_refresh[k] += 1
-            if self.discount < 1.0:
-                continue  # every arm is refreshed below
-            if Xk.shape[0] < self.dim and self.updates_since_refresh[k] < self.refresh_every:
-                woodbury_update(self.A_inv[k], Xk)
-            else:  # a periodic exact refresh, or a batch so large that inverting is cheaper
-                self._refresh(k)
-            self.theta[k] = self.A_inv[k] @ self.b[k]
-        if self.discount < 1.0:  # every arm's A changed, not only the updated ones
-            for k in range(self.num_arms):
-                self._refresh(k)
-            self.theta = torch.bmm(self.A_inv, self.b.unsqueeze(-1)).squeeze(-1)
+            refresh = torch.ones(self.num_arms, dtype=torch.bool, device=self.device)
+            linear_update_torch(self.A, self.A_inv, self.b, self.theta, X, arms, rewards, refresh)
+            for k in (rows == 0).nonzero().flatten().tolist():  # the arms without rows decayed too
+                self.A_inv[k] = torch.cholesky_inverse(torch.linalg.cholesky(self.A[k]))
+                self.theta[k] = self.A_inv[k] @ self.b[k]
+            self.updates_since_refresh.zero_()
+        else:
+            # An exact inverse every refresh_every updates of an arm, or when the batch gives it so many rows that
+            # inverting is cheaper than Woodbury; the update adds the arms whose Woodbury factor failed.
+            refresh = (rows > 0) & ((rows >= self.dim) | (self.updates_since_refresh >= self.refresh_every))
+            if self.use_triton:
+                from laser_rl.kernels import linear_update
+            else:
+                linear_update = linear_update_torch
+            refreshed = linear_update(self.A, self.A_inv, self.b, self.theta, X, arms, rewards, refresh)
+            self.updates_since_refresh[refreshed] = 0
         self.num_updates += 1
 
     def _argmax(self, values: Tensor, best: Tensor | None = None) -> Tensor:
@@ -220,11 +221,6 @@ class LinearBandit(Bandit):
         draws = torch.rand(values.shape, generator=self.generator, dtype=torch.float64).to(values.device)
         return (draws + 2.0 * tied).argmax(dim=1)  # draws < 1, so only tied arms can win
 
-    def _refresh(self, k: int) -> None:
-        """Exact inverse of A_k (symmetric positive definite) through its Cholesky factor."""
-        self.A_inv[k] = torch.cholesky_inverse(torch.linalg.cholesky(self.A[k]))
-        self.updates_since_refresh[k] = 0
-
     # ----- Triton path (laser_rl.kernels) ---------------------------------------------------------
     def _triton_scores(self, X: Tensor, coef: float = 0.0, thompson: bool = False) -> tuple[Tensor, ...]:
         """(mean, width, arms, chosen width) from the fused kernel; Thompson noise drawn as in the torch path."""
@@ -236,19 +232,6 @@ class LinearBandit(Bandit):
             noise = torch.randn((X.shape[0], self.num_arms), generator=self.generator, dtype=torch.float64)
             noise = noise.to(self.device, self.dtype)
         return score_select(X, self.theta, self.A_inv, coef, noise)
-
-    def _triton_update(self, X: Tensor, arms: Tensor, rewards: Tensor) -> None:
-        from laser_rl.kernels import linear_update
-
-        X, arms, rewards = X.to(self.device), arms.to(self.device), rewards.to(self.device, self.dtype)
-        rows = torch.bincount(arms, minlength=self.num_arms)
-        self.counts += rows
-        self.updates_since_refresh += rows > 0
-        # The same rule as the torch path: an exact inverse every refresh_every updates of an arm, or when the
-        # batch gives it so many rows that inverting is cheaper than Woodbury.
-        refresh = (rows > 0) & ((rows >= self.dim) | (self.updates_since_refresh >= self.refresh_every))
-        linear_update(self.A, self.A_inv, self.b, self.theta, X, arms, rewards, refresh)
-        self.updates_since_refresh[refresh] = 0
 
 
 def _use_triton(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
@@ -272,16 +255,63 @@ def _use_triton(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
-def woodbury_update(A_inv: Tensor, X: Tensor) -> Tensor:
+def ridge_scores(X: Tensor, theta: Tensor, A_inv: Tensor) -> tuple[Tensor, Tensor]:
+    """mean [B, K] = X theta_k and width [B, K] = sqrt(x^T A_k^-1 x) for contexts X [B, d], theta [K, d],
+    A_inv [K, d, d]: one batched matmul, O(K B d^2), with a B x K x d intermediate (the Triton kernel avoids it)."""
+    mean = X @ theta.T
+    quad = torch.einsum("kbd,bd->bk", torch.matmul(X.unsqueeze(0), A_inv), X)
+    return mean, quad.clamp_min(0).sqrt()
+
+
+def woodbury_update(A_inv: Tensor, X: Tensor) -> bool:
     """(A + X^T X)^-1 from A^-1 for m new rows X [m, d], in place: O(m d^2 + m^3) instead of O(d^3).
 
     (A + X^T X)^-1 = A^-1 - W^T W with W = L^-1 X A^-1 and L L^T = I_m + X A^-1 X^T (for m = 1 this
     is Sherman-Morrison). Writing the correction as W^T W keeps it symmetric without an extra pass.
+    Returns False, with A_inv untouched, when I + X A^-1 X^T is not positive definite: float32 drift has
+    made A^-1 indefinite, and the caller recomputes it from A instead.
     """
     U = X @ A_inv  # [m, d] = X A^-1 (A^-1 is symmetric)
-    L = torch.linalg.cholesky(torch.eye(X.shape[0], device=X.device, dtype=X.dtype) + U @ X.T)
+    L, info = torch.linalg.cholesky_ex(torch.eye(X.shape[0], device=X.device, dtype=X.dtype) + U @ X.T)
+    if int(info) != 0:
+        return False
     W = torch.linalg.solve_triangular(L, U, upper=False)  # [m, d]
-    return A_inv.addmm_(W.T, W, alpha=-1)
+    A_inv.addmm_(W.T, W, alpha=-1)
+    return True
+
+
+def linear_update_torch(
+    A: Tensor,
+    A_inv: Tensor,
+    b: Tensor,
+    theta: Tensor,
+    X: Tensor,
+    arms: Tensor,
+    rewards: Tensor,
+    refresh: Tensor,
+    *,
+    precision: str | None = None,
+) -> Tensor:
+    """Add rows X [B, d] with rewards [B] to the arms `arms` [B] of a disjoint ridge state, in place, arm by arm:
+    A_k += X_k^T X_k, b_k += X_k^T r_k, A_k^-1 by Woodbury (exactly, by Cholesky, where refresh [K] is set),
+    theta_k = A_k^-1 b_k. Arms without a row are untouched.
+
+    Returns [K] bool: the arms whose inverse was recomputed exactly (flagged ones, and those whose Woodbury
+    factor was not positive definite). laser_rl.kernels.linear_update does the same in a few launches;
+    precision is accepted for its signature and ignored.
+    """
+    X, rewards = X.to(A.dtype), rewards.to(A.dtype)
+    refreshed = torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
+    for k in arms.unique().tolist():
+        rows = arms == k
+        X_k, r_k = X[rows], rewards[rows]
+        A[k].addmm_(X_k.T, X_k)
+        b[k] += X_k.T @ r_k
+        if bool(refresh[k]) or not woodbury_update(A_inv[k], X_k):
+            A_inv[k] = torch.cholesky_inverse(torch.linalg.cholesky(A[k]))
+            refreshed[k] = True
+        theta[k] = A_inv[k] @ b[k]
+    return refreshed
 
 
 class LinUCB(LinearBandit):

@@ -67,7 +67,28 @@ def test_woodbury_equals_inverse_for_many_ranks():
     for m in (1, 2, 5, 9):
         X = torch.randn(m, d, generator=gen, dtype=torch.float64)
         expected = torch.linalg.inv(A + X.T @ X)
-        assert torch.allclose(woodbury_update(torch.linalg.inv(A), X), expected, rtol=1e-9, atol=1e-12)
+        A_inv = torch.linalg.inv(A)
+        assert woodbury_update(A_inv, X)
+        assert torch.allclose(A_inv, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_drifted_inverse_falls_back_to_an_exact_refresh():
+    """An A^-1 that drifted indefinite makes Woodbury's small Cholesky fail: woodbury_update leaves it untouched and
+    says so, and the bandit's update recomputes that arm's inverse from A instead of raising mid-update."""
+    gen = torch.Generator().manual_seed(4)
+    d = 6
+    X = torch.randn(3, d, generator=gen, dtype=torch.float64)
+    bad = -torch.eye(d, dtype=torch.float64)  # I + X A^-1 X^T = I - X X^T is not positive definite
+    assert not woodbury_update(bad, X) and torch.equal(bad, -torch.eye(d, dtype=torch.float64))
+
+    bandit = LinUCB(2, d, dtype=torch.float64, refresh_every=100)
+    bandit.A_inv[1] = -torch.eye(d, dtype=torch.float64)
+    arms, rewards = torch.tensor([0, 1, 1]), torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64)
+    bandit.update(X, arms, rewards)
+    A1 = torch.eye(d, dtype=torch.float64) + X[1:].T @ X[1:]
+    assert torch.allclose(bandit.A_inv[1], torch.linalg.inv(A1), atol=1e-10)
+    assert torch.allclose(bandit.theta[1], torch.linalg.solve(A1, X[1:].T @ rewards[1:]), atol=1e-10)
+    assert bandit.updates_since_refresh.tolist() == [1, 0]  # arm 0 took Woodbury, arm 1 was refreshed
 
 
 def test_large_batch_and_refresh_paths_agree_with_closed_form():

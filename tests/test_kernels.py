@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_kernels_in_interpreter_child():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve()),
-         "-k", "not interpreter_child and not compiles_for_sm90"],  # those two run in this (compiling) process
+         "-k", "not interpreter_child and not compiles_for_sm90 and not harness"],  # those run in this process
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
@@ -156,14 +157,14 @@ SM90_KERNELS = {
     "_project_kernel": (
         "update",
         {"X_ptr": "*fp32", "A_ptr": "*fp32", "U_ptr": "*fp32", "OFF_ptr": "*i32", "WOOD_ptr": "*i32", "D": "i32",
-         "K": "i32"},
+         "K": "i32", "M_BUCKET": "i32"},
         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "PRECISION": "tf32x3"},
         8,
     ),
     "_apply_kernel": (
         "update",
         {"A_ptr": "*fp32", "Ainv_ptr": "*fp32", "B_ptr": "*fp32", "Xt_ptr": "*fp32", "Wt_ptr": "*fp32",
-         "R_ptr": "*fp32", "OFF_ptr": "*i32", "WOOD_ptr": "*i32", "D": "i32", "NR": "i32"},
+         "R_ptr": "*fp32", "OFF_ptr": "*i32", "WOOD_ptr": "*i32", "D": "i32", "NR": "i32", "M_BUCKET": "i32"},
         {"BLOCK": 64, "BLOCK_R": 64, "PRECISION": "tf32x3"},
         4,
     ),
@@ -278,7 +279,23 @@ UPDATE_CASES = [
     (37, 100, 3, [0, 1, 2], [1]),  # arm 1 refreshed exactly
     (64, 128, 4, [0, 2, 3], [3]),  # arm 1 empty, arm 3 refreshed
     (40, 16, 3, [0], []),  # m >= d: the bandit would refresh; the kernel's Woodbury must still be exact
+    (48, 24, 4, [0] * 12 + [1, 3], []),  # uneven arms: the small factors go arm by arm instead of padded
 ]
+
+
+def expected_update(s32: dict, X32: torch.Tensor, arms: torch.Tensor, r32: torch.Tensor, refresh: torch.Tensor):
+    """The float64 closed form of linear_update from float32 state and inputs: A, A^-1, b, theta (on the CPU)."""
+    K = s32["A"].shape[0]
+    A_new = s32["A"].double().cpu().clone()
+    b_new = s32["b"].double().cpu().clone()
+    for k in range(K):
+        rows = arms == k
+        A_new[k] += X32[rows].double().T @ X32[rows].double()
+        b_new[k] += X32[rows].double().T @ r32[rows].double()
+    # Woodbury continues from the stored float32 inverse; its exact continuation is (A_inv^-1 + X^T X)^-1.
+    Ainv_new = torch.linalg.inv(torch.linalg.inv(s32["A_inv"].double().cpu()) + (A_new - s32["A"].double().cpu()))
+    Ainv_new[refresh] = torch.linalg.inv(A_new[refresh])
+    return A_new, Ainv_new, b_new, torch.einsum("kij,kj->ki", Ainv_new, b_new)
 
 
 @pytest.mark.parametrize("precision", UPDATE_PRECISIONS)
@@ -293,28 +310,18 @@ def test_linear_update_matches_float64(kern, B, d, K, used, refreshed, precision
     refresh[refreshed] = True
     touched = torch.bincount(arms, minlength=K) > 0
 
-    # float64 closed form from the float32-rounded inputs
-    X32, r32 = X.float(), rewards.float()
     s32 = to_device32(s64)
-    A_new = s32["A"].double().cpu().clone()
-    b_new = s32["b"].double().cpu().clone()
-    for k in range(K):
-        rows = arms == k
-        A_new[k] += X32[rows].double().T @ X32[rows].double()
-        b_new[k] += X32[rows].double().T @ r32[rows].double()
-    # Woodbury continues from the stored float32 inverse; its exact continuation is (A_inv^-1 + X^T X)^-1.
-    Ainv_new = torch.linalg.inv(torch.linalg.inv(s32["A_inv"].double().cpu()) + (A_new - s32["A"].double().cpu()))
-    Ainv_new[refresh] = torch.linalg.inv(A_new[refresh])
-    theta_new = torch.einsum("kij,kj->ki", Ainv_new, b_new)
-
+    A_new, Ainv_new, b_new, theta_new = expected_update(s32, X.float(), arms, rewards.float(), refresh)
+    X32, r32 = X.float(), rewards.float()
     for impl in ("triton", "torch"):
         st = {name: t.clone() for name, t in s32.items()}
         st["theta"][touched] = float("nan")  # output-only for touched arms: an unwritten element stays NaN
         args = (X32.to(DEVICE), arms.to(DEVICE), r32.to(DEVICE), refresh.to(DEVICE))
         if impl == "triton":
-            kern.update.linear_update(st["A"], st["A_inv"], st["b"], st["theta"], *args, precision=precision)
+            exact = kern.update.linear_update(st["A"], st["A_inv"], st["b"], st["theta"], *args, precision=precision)
         else:
-            linear_update_torch(st["A"], st["A_inv"], st["b"], st["theta"], *args)
+            exact = linear_update_torch(st["A"], st["A_inv"], st["b"], st["theta"], *args)
+        assert torch.equal(exact.cpu(), refresh & touched), f"{impl} reports {exact.tolist()} as refreshed"
         errs = {}
         for name, ref in (("A", A_new), ("A_inv", Ainv_new), ("b", b_new), ("theta", theta_new)):
             err = errs[name] = rel(st[name][touched], ref[touched])
@@ -323,6 +330,64 @@ def test_linear_update_matches_float64(kern, B, d, K, used, refreshed, precision
             assert torch.equal(st[name][~touched], s32[name][~touched]), f"{impl} changed {name} of an idle arm"
         errors = " ".join(f"{n} {e:.1e}" for n, e in errs.items())
         print(f"update {MODE} {impl} B={B} d={d} K={K} {precision}: {errors}")
+
+
+def test_linear_update_autotuned_launches(kern, monkeypatch):
+    """The launches that large problems take on a GPU (both kernels autotuned over tile shapes; the in-place one
+    with A, A^-1 and b restored after each trial) give the closed form at a small shape, every config tried.
+    Under the interpreter the trials are timed by a stand-in that prefers the last config."""
+    update = kern.update
+    monkeypatch.setattr(update, "_AUTOTUNE_MIN_WORK", 0)
+    monkeypatch.setattr(update, "_TUNED", {})
+    trials = {}
+    for name in ("project", "apply"):
+        tuner = update._tuned(name)
+        if MODE != "cuda":
+            def bench(call, quantiles, name=name):
+                call()
+                trials[name] = trials.get(name, 0) + 1
+                return [1.0 / trials[name]] * len(quantiles)
+
+            tuner.__dict__["do_bench"] = bench  # a cached_property: the instance attribute wins
+    K, d, B = 3, 70, 30
+    gen = torch.Generator().manual_seed(12)
+    s32 = to_device32(random_state(K, d, gen))
+    X, r = torch.randn(B, d, generator=gen), torch.rand(B, generator=gen) - 0.5
+    arms = torch.randint(K, (B,), generator=gen)
+    refresh = torch.zeros(K, dtype=torch.bool)
+    expected = expected_update(s32, X, arms, r, refresh)
+    for step in range(2):  # the second call reuses the tuned configs
+        st = {name: t.clone() for name, t in s32.items()}
+        update.linear_update(st["A"], st["A_inv"], st["b"], st["theta"], X.to(DEVICE), arms.to(DEVICE),
+                             r.to(DEVICE), refresh.to(DEVICE))
+        for name, ref in zip(("A", "A_inv", "b", "theta"), expected):
+            assert rel(st[name], ref) <= F32_TOL, f"call {step}: {name}"
+    if MODE != "cuda":
+        assert trials == {name: len(update._tuned(name).configs) for name in ("project", "apply")}
+
+
+@pytest.mark.parametrize("used", [[0, 1, 2], [0] * 10 + [1, 2]], ids=["padded", "arm-by-arm"])
+def test_linear_update_recovers_a_drifted_inverse(kern, used):
+    """An arm whose A^-1 drifted indefinite fails Woodbury's small Cholesky: both implementations recompute that
+    arm's inverse from A (no exception mid-update, no NaN left in the state) and report it as refreshed."""
+    K, d, B = 3, 20, 24
+    gen = torch.Generator().manual_seed(11)
+    s32 = to_device32(random_state(K, d, gen))
+    s32["A_inv"][1] = -torch.eye(d, device=DEVICE)  # I + X A^-1 X^T = I - X X^T: not positive definite
+    X = torch.randn(B, d, generator=gen)
+    arms = torch.tensor(used)[torch.randint(len(used), (B,), generator=gen)]
+    arms[:2] = 1
+    r = torch.rand(B, generator=gen) - 0.5
+    # what an exact refresh of arm 1 (and Woodbury elsewhere) gives
+    expected = expected_update(s32, X, arms, r, torch.tensor([False, True, False]))
+    args = (X.to(DEVICE), arms.to(DEVICE), r.to(DEVICE), torch.zeros(K, dtype=torch.bool, device=DEVICE))
+    for impl in ("triton", "torch"):
+        st = {name: t.clone() for name, t in s32.items()}
+        update = kern.update.linear_update if impl == "triton" else linear_update_torch
+        exact = update(st["A"], st["A_inv"], st["b"], st["theta"], *args)
+        assert exact.tolist() == [False, True, False], impl
+        for name, ref in zip(("A", "A_inv", "b", "theta"), expected):
+            assert rel(st[name], ref) <= F32_TOL, f"{impl} {name}"
 
 
 def test_linear_update_accepts_bf16_contexts(kern):
@@ -338,6 +403,24 @@ def test_linear_update_accepts_bf16_contexts(kern):
     kern.update.linear_update(ref["A"], ref["A_inv"], ref["b"], ref["theta"], X.float(), arms, r, refresh)
     for name in st:
         assert torch.equal(st[name], ref[name])  # upcast on the way in: the same float32 computation
+
+
+def test_benchmark_harness_dry_run(tmp_path):
+    """benchmarks/kernels.py end to end (every timing, error check, table and target line) on tiny shapes under the
+    interpreter: GPU time is rare and short, so the harness must not meet its first bug there."""
+    pytest.importorskip("triton")
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/kernels.py", "--cpu-dry-run", "--json", str(out)],
+        cwd=REPO, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Target, select + update" in proc.stdout and "| largest arm's share" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["score_err_width"] <= F32_TOL and r["update_err_Ainv"] <= F32_TOL and r["update_err_theta"] <= F32_TOL
+        assert r["score_arm_agree"] == 1.0 and 0 < r["step_triton_top_arm"] <= 1
 
 
 # =================================================================================================

@@ -26,6 +26,8 @@ All arithmetic is float32; contexts may be bf16/fp16 (upcast once, when the rows
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -49,6 +51,7 @@ def _project_kernel(
     WOOD_ptr,  # [K] int32: 1 where arm k takes the Woodbury path
     D,
     K,
+    M_BUCKET,  # autotune key only (next power of two of the largest arm's row count)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -101,6 +104,7 @@ def _apply_kernel(
     WOOD_ptr,  # [K] int32 Woodbury flags
     D,
     NR,
+    M_BUCKET,  # autotune key only (next power of two of the largest arm's row count)
     BLOCK: tl.constexpr,
     BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -110,48 +114,49 @@ def _apply_kernel(
     # program (219 registers, one block per SM) this kernel took 80% of the update on an H200.
     arm = tl.program_id(0) // 2
     second = tl.program_id(0) % 2
-    pid_i = tl.program_id(1)
-    pid_j = tl.program_id(2)
+    # Both corrections are symmetric: axis 1 numbers the tiles (i, j) with j <= i only, row after row
+    # (t = i (i + 1) / 2 + j). Each program reads its tile once and writes it and its mirror (j, i): half the
+    # products and three quarters of the state traffic of a full grid, and A, A^-1 stay exactly symmetric.
+    t = tl.program_id(1)
+    pid_i = ((tl.sqrt(8.0 * t + 1.0) - 1.0) * 0.5).to(tl.int32)
+    pid_i = tl.where(pid_i * (pid_i + 1) // 2 > t, pid_i - 1, pid_i)  # float rounding, either way
+    pid_i = tl.where((pid_i + 1) * (pid_i + 2) // 2 <= t, pid_i + 1, pid_i)
+    pid_j = t - pid_i * (pid_i + 1) // 2
     lo = tl.load(OFF_ptr + arm)
     hi = tl.load(OFF_ptr + arm + 1)
-    if hi > lo:  # arms without a row this batch: nothing is read or written
+    touched = hi > lo  # arms without a row this batch: nothing is read or written
+    if second == 1:
+        touched = touched & (tl.load(WOOD_ptr + arm) != 0)
+    if touched:
         ri = pid_i * BLOCK + tl.arange(0, BLOCK)
         rj = pid_j * BLOCK + tl.arange(0, BLOCK)
         i_mask = ri < D
         j_mask = rj < D
         # The arm's offset once, in 64 bits, on the base pointers; the tile offsets stay 32-bit (fewer registers).
-        A_arm = A_ptr + arm.to(tl.int64) * D * D
-        Ainv_arm = Ainv_ptr + arm.to(tl.int64) * D * D
+        M_arm = tl.where(second == 0, A_ptr, Ainv_ptr) + arm.to(tl.int64) * D * D
+        P_ptr = tl.where(second == 0, Xt_ptr, Wt_ptr)  # A += X^T X, A^-1 -= W^T W
+        sign = tl.where(second == 0, 1.0, -1.0)
+        # Transposed layouts: both dot operands are contiguous along the reduction (row) axis.
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)  # (P^T P)[i-tile, j-tile]
+        for r0 in range(lo, hi, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            r_mask = rr[None, :] < hi
+            p_i = tl.load(P_ptr + ri[:, None] * NR + rr[None, :], mask=i_mask[:, None] & r_mask, other=0.0)
+            p_j = tl.load(P_ptr + rj[:, None] * NR + rr[None, :], mask=j_mask[:, None] & r_mask, other=0.0)
+            acc = tl.dot(p_i, tl.trans(p_j), acc, input_precision=PRECISION)
         tile = ri[:, None] * D + rj[None, :]
         mask = i_mask[:, None] & j_mask[None, :]
-        # Transposed layouts: both dot operands are contiguous along the reduction (row) axis.
-        if second == 0:
-            xx = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)  # (X^T X)[i-tile, j-tile]
-            for r0 in range(lo, hi, BLOCK_R):
-                rr = r0 + tl.arange(0, BLOCK_R)
-                r_mask = rr[None, :] < hi
-                x_i = tl.load(Xt_ptr + ri[:, None] * NR + rr[None, :], mask=i_mask[:, None] & r_mask, other=0.0)
-                x_j = tl.load(Xt_ptr + rj[:, None] * NR + rr[None, :], mask=j_mask[:, None] & r_mask, other=0.0)
-                xx = tl.dot(x_i, tl.trans(x_j), xx, input_precision=PRECISION)
-            tl.store(A_arm + tile, tl.load(A_arm + tile, mask=mask, other=0.0) + xx, mask=mask)
-        elif tl.load(WOOD_ptr + arm) != 0:
-            ww = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)  # (W^T W)[i-tile, j-tile]
-            for r0 in range(lo, hi, BLOCK_R):
-                rr = r0 + tl.arange(0, BLOCK_R)
-                r_mask = rr[None, :] < hi
-                w_i = tl.load(Wt_ptr + ri[:, None] * NR + rr[None, :], mask=i_mask[:, None] & r_mask, other=0.0)
-                w_j = tl.load(Wt_ptr + rj[:, None] * NR + rr[None, :], mask=j_mask[:, None] & r_mask, other=0.0)
-                ww = tl.dot(w_i, tl.trans(w_j), ww, input_precision=PRECISION)
-            tl.store(Ainv_arm + tile, tl.load(Ainv_arm + tile, mask=mask, other=0.0) - ww, mask=mask)
+        new = tl.load(M_arm + tile, mask=mask, other=0.0) + sign * acc
+        tl.store(M_arm + tile, new, mask=mask)
+        if pid_i != pid_j:
+            tl.store(M_arm + rj[:, None] * D + ri[None, :], tl.trans(new), mask=j_mask[:, None] & i_mask[None, :])
         if (pid_j == 0) & (second == 0):  # one program per row tile adds (X^T r)[i-tile] to b: no other touches it
             xr = tl.zeros((BLOCK,), dtype=tl.float32)
             for r0 in range(lo, hi, BLOCK_R):
                 rr = r0 + tl.arange(0, BLOCK_R)
                 r_mask = rr < hi
-                ir_mask = i_mask[:, None] & r_mask[None, :]
-                x_i = tl.load(Xt_ptr + ri[:, None] * NR + rr[None, :], mask=ir_mask, other=0.0)
-                rew = tl.load(R_ptr + rr, mask=r_mask, other=0.0)
-                xr += tl.sum(x_i * rew[None, :], axis=1)
+                x_i = tl.load(Xt_ptr + ri[:, None] * NR + rr[None, :], mask=i_mask[:, None] & r_mask[None, :], other=0.0)
+                xr += tl.sum(x_i * tl.load(R_ptr + rr, mask=r_mask, other=0.0)[None, :], axis=1)
             tl.store(B_ptr + arm * D + ri, tl.load(B_ptr + arm * D + ri, mask=i_mask, other=0.0) + xr, mask=i_mask)
 
 
@@ -180,6 +185,77 @@ def _theta_kernel(
         tl.store(T_ptr + arm * D + ri, acc, mask=i_mask)
 
 
+def _tuned(name: str) -> triton.runtime.Autotuner:
+    """`_project_kernel` or `_apply_kernel` autotuned over tile shapes on CUDA (built lazily: autotuning needs a GPU).
+
+    The key buckets the largest arm's row count, so one bandit's steps share one tuning. `_apply_kernel` updates
+    its state in place: the autotuner restores A, A^-1 and b after each trial.
+    """
+    if name not in _TUNED:
+        if name == "project":
+            configs = [
+                triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                for bm, bn, bk, w, st in ((64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 3), (128, 64, 32, 4, 4))
+            ]
+            _TUNED[name] = triton.autotune(configs, key=["D", "M_BUCKET", "PRECISION"])(_project_kernel)
+        else:
+            configs = [
+                triton.Config({"BLOCK": bt, "BLOCK_R": br}, num_warps=w, num_stages=st)
+                # (64, 64, 4, 2) took 2.9 ms at B = 1024, d = 4096, K = 8 on an H200 before the symmetric grid; the
+                # first choice (64, 32, 8, 3) took 9.7 ms and 128 x 128 tiles 3.7-5.0 ms.
+                for bt, br, w, st in ((64, 64, 4, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2))
+            ]
+            _TUNED[name] = triton.autotune(
+                configs, key=["D", "M_BUCKET", "PRECISION"], restore_value=["A_ptr", "Ainv_ptr", "B_ptr"]
+            )(_apply_kernel)
+    return _TUNED[name]
+
+
+_TUNED: dict[str, triton.runtime.Autotuner] = {}
+# Below this many multiply-adds (rows x d x d) a launch takes microseconds and autotuning it is not worth its time.
+# The interpreter gets fixed small tiles (its tests lower this bound to run the autotuned launches too).
+_AUTOTUNE_MIN_WORK = math.inf if INTERPRETED else 256 * 1024 * 1024
+
+
+def _woodbury_factors(
+    U: torch.Tensor, Xs: torch.Tensor, offsets: torch.Tensor, wood: torch.Tensor, counts: list[int], starts: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """W_k = L_k^-1 U_k with L_k L_k^T = I + U_k X_k^T for every Woodbury arm, without a host sync: offsets and wood
+    on the device; on the host, counts (rows of each Woodbury arm, 0 for the others) and starts (first sorted row).
+
+    Returns W^T [d, NR] (columns of other arms unwritten) and [K] bool: arms whose factor was not positive definite
+    (their inverse has drifted; the caller recomputes it). When padding every Woodbury arm to the largest one at most
+    doubles the O(m^2 d) work, they go through one padded batched Cholesky and triangular solve (one small solve is
+    a few launches of ~50 us on a GPU); otherwise arm by arm.
+    """
+    nr, d, K, dev = Xs.shape[0], Xs.shape[1], len(counts), Xs.device
+    W = torch.empty((nr + 1, d), device=dev, dtype=torch.float32)  # row nr: a sink for padding rows
+    failed = torch.zeros(K, dtype=torch.bool, device=dev)
+    used = [m for m in counts if m]
+    m_max = max(used)
+    if len(used) * m_max**2 <= 2 * sum(m * m for m in used):
+        arm_ids = torch.argsort(wood, descending=True, stable=True)[: len(used)]  # the Woodbury arms, no sync
+        slot = torch.arange(m_max, device=dev)
+        valid = slot[None, :] < (offsets[arm_ids + 1] - offsets[arm_ids])[:, None]  # [arms, m_max]
+        idx = torch.where(valid, offsets[arm_ids, None].long() + slot[None, :], nr)
+        gather = idx.clamp_max(nr - 1)
+        # U's rows of non-Woodbury arms were never written: where(), not a product with a 0/1 mask.
+        Up = torch.where(valid[..., None], U[gather], 0.0)
+        Xp = torch.where(valid[..., None], Xs[gather], 0.0)
+        eye = torch.eye(m_max, device=dev, dtype=torch.float32).expand(len(used), m_max, m_max)
+        L, info = torch.linalg.cholesky_ex(torch.baddbmm(eye, Up, Xp.transpose(1, 2)))  # padding: identity blocks
+        W[idx.flatten()] = torch.linalg.solve_triangular(L, Up, upper=False).reshape(-1, d)
+        failed[arm_ids] = info != 0
+    else:
+        for k, (lo, m) in enumerate(zip(starts, counts)):
+            if m:
+                hi = lo + m
+                L, info = torch.linalg.cholesky_ex(torch.eye(m, device=dev) + U[lo:hi] @ Xs[lo:hi].T)  # _ex: no sync
+                W[lo:hi] = torch.linalg.solve_triangular(L, U[lo:hi], upper=False)
+                failed[k] = info != 0
+    return W[:nr].T.contiguous(), failed
+
+
 def linear_update(
     A: torch.Tensor,
     A_inv: torch.Tensor,
@@ -191,11 +267,12 @@ def linear_update(
     refresh: torch.Tensor,
     *,
     precision: str = UPDATE_PRECISION,
-) -> None:
+) -> torch.Tensor:
     """Add the rows X [B, d] (rewards [B]) to the arms `arms` [B]: A, A_inv, b, theta updated in place.
 
     refresh [K] bool: arms whose inverse is recomputed exactly (Cholesky) instead of by Woodbury; arms without a
-    row are untouched whatever their flag. Same contract as `linear_update_torch`.
+    row are untouched whatever their flag. Returns [K] bool: the arms whose inverse was recomputed exactly (flagged
+    ones, and those whose Woodbury factor was not positive definite). Same contract as `linear_update_torch`.
     """
     K, d = check_state(theta, A_inv)
     for name, t, shape in (("A", A, (K, d, d)), ("b", b, (K, d))):
@@ -206,53 +283,69 @@ def linear_update(
             f"expected X [B, {d}], arms [B], rewards [B], got {tuple(X.shape)}, {tuple(arms.shape)}, "
             f"{tuple(rewards.shape)}"
         )
+    if refresh.shape != (K,):
+        raise ValueError(f"refresh must be [K] = [{K}], got {tuple(refresh.shape)}")
     check_device(A, A_inv, b, theta, X, arms, rewards, refresh, interpreted=INTERPRETED)
     nr, dev = X.shape[0], X.device
+    refreshed = torch.zeros(K, dtype=torch.bool, device=dev)
+    if nr == 0:
+        return refreshed
 
     # Rows grouped by arm (a stable sort keeps the batch order inside an arm, as the core's boolean mask does).
+    arms = arms.long()
     order = torch.argsort(arms, stable=True)
     Xs = X[order].to(torch.float32).contiguous()
     rs = rewards[order].to(torch.float32).contiguous()
-    rows = torch.bincount(arms, minlength=K)
-    if rows.numel() != K or (arms.numel() and int(arms.min()) < 0):
-        raise ValueError(f"arm indices must lie in [0, {K})")
+    in_range = (arms >= 0) & (arms < K)
+    rows = torch.zeros(K, dtype=torch.long, device=dev).index_add_(0, arms.clamp(0, K - 1), in_range.long())
     offsets = torch.zeros(K + 1, dtype=torch.int32, device=dev)
     offsets[1:] = torch.cumsum(rows, 0)
-    wood = ((rows > 0) & ~refresh.to(torch.bool)).to(torch.int32)
-    # One host sync for the per-arm solves, as the core's arms.unique().tolist().
-    off_host, wood_host, rows_host = offsets.tolist(), wood.tolist(), rows.tolist()
+    exact = (rows > 0) & refresh.to(torch.bool)
+    wood = ((rows > 0) & ~exact).to(torch.int32)
+    # The one host sync before the launches: the range check and the per-arm row counts the solves are sized by.
+    host = torch.cat([in_range.all().long()[None], rows, wood.long()]).tolist()
+    if not host[0]:
+        raise ValueError(f"arm indices must lie in [0, {K})")
+    rows_host, wood_host = host[1 : K + 1], host[K + 1 :]
+    counts = [m if w else 0 for m, w in zip(rows_host, wood_host)]
+    starts = [sum(rows_host[:k]) for k in range(K)]
+    m_bucket = triton.next_power_of_2(max(rows_host))
+    tuned = nr * d * d >= _AUTOTUNE_MIN_WORK
 
-    if INTERPRETED:
-        bm, bn, bk, warps, stages = block(nr, 16, 32), block(d, 16, 32), block(d, 16, 32), 4, 1
-        bt, br, bv, bvj = block(d, 16, 32), 16, block(d, 16, 32), block(d, 16, 32)
-        apply_warps, apply_stages = 4, 1
-    else:
-        bm, bn, bk, warps, stages = 64, 128, 32, 8, 3
-        # _apply_kernel's tiles, from a sweep on an H200 at B = 1024, d = 4096, K = 8: 64 x 64 tiles, 64 rows per
-        # step, 4 warps, 2 stages took 2.9 ms; the first choice (64 x 64, 32 rows, 8 warps, 3 stages) took 9.7 ms.
-        bt, br, apply_warps, apply_stages, bv, bvj = 64, 64, 4, 2, 16, 256
-
-    Wt = torch.empty((d, nr), device=dev, dtype=torch.float32)
-    if any(wood_host):
+    Wt, failed = torch.empty((d, nr), device=dev, dtype=torch.float32), refreshed
+    if any(counts):
         U = torch.empty_like(Xs)
-        grid = (triton.cdiv(nr, bm) + K, triton.cdiv(d, bn))  # an upper bound on the per-arm row tiles
-        _project_kernel[grid](
-            Xs, A_inv, U, offsets, wood, d, K,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, num_warps=warps, num_stages=stages,
-        )
-        for k in range(K):
-            if wood_host[k]:
-                lo, hi = off_host[k], off_host[k + 1]
-                U_k = U[lo:hi]
-                S = torch.eye(hi - lo, device=dev, dtype=torch.float32) + U_k @ Xs[lo:hi].T
-                L = torch.linalg.cholesky(S)
-                Wt[:, lo:hi] = torch.linalg.solve_triangular(L, U_k, upper=False).T
+        args = (Xs, A_inv, U, offsets, wood, d, K, m_bucket)
+        if tuned:
+            grid = lambda meta: (triton.cdiv(nr, meta["BLOCK_M"]) + K, triton.cdiv(d, meta["BLOCK_N"]))  # noqa: E731
+            _tuned("project")[grid](*args, PRECISION=precision)
+        else:
+            bm, bn, bk = (block(nr, 16, 32), block(d, 16, 32), block(d, 16, 32)) if INTERPRETED else (64, 128, 32)
+            # The grid's row-tile count is an upper bound on the per-arm row tiles: each arm may end with a partial one.
+            _project_kernel[(triton.cdiv(nr, bm) + K, triton.cdiv(d, bn))](
+                *args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision,
+                **({} if INTERPRETED else {"num_warps": 8, "num_stages": 3}),
+            )
+        Wt, failed = _woodbury_factors(U, Xs, offsets, wood, counts, starts)
 
-    _apply_kernel[(2 * K, triton.cdiv(d, bt), triton.cdiv(d, bt))](
-        A, A_inv, b, Xs.T.contiguous(), Wt, rs, offsets, wood, d, nr,
-        BLOCK=bt, BLOCK_R=br, PRECISION=precision, num_warps=apply_warps, num_stages=apply_stages,
-    )
+    args = (A, A_inv, b, Xs.T.contiguous(), Wt, rs, offsets, wood, d, nr, m_bucket)
+    if tuned:
+        grid = lambda meta: (2 * K, triton.cdiv(d, meta["BLOCK"]) * (triton.cdiv(d, meta["BLOCK"]) + 1) // 2)  # noqa: E731
+        _tuned("apply")[grid](*args, PRECISION=precision)
+    else:
+        bt, br = (block(d, 16, 32), 16) if INTERPRETED else (64, 64)
+        tiles = triton.cdiv(d, bt)
+        _apply_kernel[(2 * K, tiles * (tiles + 1) // 2)](
+            *args, BLOCK=bt, BLOCK_R=br, PRECISION=precision, **({} if INTERPRETED else {"num_warps": 4, "num_stages": 2})
+        )
     for k in range(K):  # the core's exact refreshes (rare): A and b are already up to date
         if rows_host[k] and not wood_host[k]:
             A_inv[k] = torch.cholesky_inverse(torch.linalg.cholesky(A[k]))
+    bv, bvj = (block(d, 16, 32), block(d, 16, 32)) if INTERPRETED else (16, 256)
     _theta_kernel[(K, triton.cdiv(d, bv))](A_inv, b, theta, offsets, d, BLOCK=bv, BLOCK_J=bvj, num_warps=4)
+    # Woodbury factors that were not positive definite, checked once everything is queued: A^-1 drifted
+    # indefinite for those arms, so theirs is recomputed from A (the core's woodbury_update does the same).
+    for k in failed.nonzero().flatten().tolist() if any(counts) else []:
+        A_inv[k] = torch.cholesky_inverse(torch.linalg.cholesky(A[k]))
+        theta[k] = A_inv[k] @ b[k]
+    return exact | failed

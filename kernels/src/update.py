@@ -11,15 +11,18 @@ inverse through a Cholesky factor afterwards. Arms with no row are not touched a
 
 Four steps; the O(m d^2) and O(d^2) work is in Triton, each kernel covering every arm in one launch:
   1. `_project_kernel`: U = X_k A_k^-1 for the rows of every Woodbury arm (a grouped matmul over rows sorted by arm);
-  2. torch, per arm: the small m_k x m_k Cholesky of I + U_k X_k^T and the triangular solve W_k = L_k^-1 U_k
-     (O(m^2 d + m^3), small next to the d x d work, and torch's solvers are robust);
-  3. `_apply_kernel`: per (arm, d-tile, d-tile), one program adds X_k^T X_k to its tile of A_k and another subtracts
-     W_k^T W_k from its tile of A_k^-1; the A programs of the first column tile also add X_k^T r_k to b_k. (A variant that also
-     formed theta from each new row panel of A^-1 kept two accumulators and a panel loop live and spilled registers
-     on sm_90, so theta has its own pass.)
+  2. torch: the small m_k x m_k Cholesky of I + U_k X_k^T and the triangular solve W_k = L_k^-1 U_k (O(m^2 d + m^3),
+     small next to the d x d work; torch's solvers are robust), batched over the arms with padding when that is
+     cheap (`_woodbury_factors`), never syncing with the host;
+  3. `_apply_kernel`: per (arm, tile (i, j) with j <= i), one program adds X_k^T X_k to its tile of A_k and another
+     subtracts W_k^T W_k from its tile of A_k^-1, each writing the tile and its mirror (both corrections are
+     symmetric); the A programs of the first column tile also add X_k^T r_k to b_k. (A variant that also formed
+     theta from each new row panel of A^-1 kept two accumulators and a panel loop live and spilled registers on
+     sm_90, so theta has its own pass.)
   4. `_theta_kernel`: theta_k = A_k^-1 b_k for every arm with rows (a batched matrix-vector product).
-Arms due for an exact refresh get their inverse from torch's Cholesky between steps 3 and 4. The update reads A^-1
-three times (steps 1, 3, 4) and A once, and writes each once: about 24 K d^2 bytes for K touched arms.
+Arms due for an exact refresh get their inverse from torch's Cholesky between steps 3 and 4, and so do, at the end,
+arms whose Woodbury factor was not positive definite (a drifted A^-1). The update reads A^-1 two and a half times
+(steps 1, 3, 4) and half of A, and writes each once: about 20 K d^2 bytes for K touched arms.
 
 All arithmetic is float32; contexts may be bf16/fp16 (upcast once, when the rows are sorted by arm).
 """

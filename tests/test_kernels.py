@@ -69,7 +69,8 @@ def test_kernels_in_interpreter_child():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve()),
-         "-k", "not interpreter_child and not compiles_for_sm90 and not harness"],  # those run in this process
+         # the sm_90 compile and harness tests run in this process; tf32 exists on CUDA only
+         "-k", "not interpreter_child and not compiles_for_sm90 and not harness and not global_tf32"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
@@ -388,6 +389,26 @@ def test_linear_update_recovers_a_drifted_inverse(kern, used):
         assert exact.tolist() == [False, True, False], impl
         for name, ref in zip(("A", "A_inv", "b", "theta"), expected):
             assert rel(st[name], ref) <= F32_TOL, f"{impl} {name}"
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="tf32 is a CUDA matmul mode")
+def test_linear_update_ignores_global_tf32(kern, monkeypatch):
+    """A training script's torch.backends.cuda.matmul.allow_tf32 = True must not reach the bandit state: the kernels
+    set their own precision and the small factors run in float64. Near the prior (A = I), I + X A^-1 X^T is mostly
+    its second term, the case where a tf32 product would lose the identity."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    K, d, B = 2, 128, 64
+    gen = torch.Generator().manual_seed(13)
+    eye = torch.eye(d).repeat(K, 1, 1)
+    s32 = to_device32({"A": eye, "A_inv": eye.clone(), "b": torch.zeros(K, d), "theta": torch.zeros(K, d)})
+    X, r = torch.randn(B, d, generator=gen), torch.rand(B, generator=gen) - 0.5
+    arms, refresh = torch.randint(K, (B,), generator=gen), torch.zeros(K, dtype=torch.bool)
+    expected = expected_update(s32, X, arms, r, refresh)
+    st = {name: t.clone() for name, t in s32.items()}
+    kern.update.linear_update(st["A"], st["A_inv"], st["b"], st["theta"], X.to(DEVICE), arms.to(DEVICE),
+                              r.to(DEVICE), refresh.to(DEVICE))
+    for name, ref in zip(("A", "A_inv", "b", "theta"), expected):
+        assert rel(st[name], ref) <= F32_TOL, name
 
 
 def test_linear_update_accepts_bf16_contexts(kern):

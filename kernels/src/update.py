@@ -230,6 +230,10 @@ def _woodbury_factors(
     (their inverse has drifted; the caller recomputes it). When padding every Woodbury arm to the largest one at most
     doubles the O(m^2 d) work, they go through one padded batched Cholesky and triangular solve (one small solve is
     a few launches of ~50 us on a GPU); otherwise arm by arm.
+
+    In float64: torch's float32 products follow its global tf32 switch, and in tf32 the cancellation in
+    I + X A^-1 X^T (whose second term is ~d times the first while A^-1 is near its prior) would reach the state.
+    This is O(m^2 d) work, small next to the O(m d^2) kernels on GPUs with float64 throughput (A100, H100, H200).
     """
     nr, d, K, dev = Xs.shape[0], Xs.shape[1], len(counts), Xs.device
     W = torch.empty((nr + 1, d), device=dev, dtype=torch.float32)  # row nr: a sink for padding rows
@@ -243,18 +247,19 @@ def _woodbury_factors(
         idx = torch.where(valid, offsets[arm_ids, None].long() + slot[None, :], nr)
         gather = idx.clamp_max(nr - 1)
         # U's rows of non-Woodbury arms were never written: where(), not a product with a 0/1 mask.
-        Up = torch.where(valid[..., None], U[gather], 0.0)
-        Xp = torch.where(valid[..., None], Xs[gather], 0.0)
-        eye = torch.eye(m_max, device=dev, dtype=torch.float32).expand(len(used), m_max, m_max)
+        Up = torch.where(valid[..., None], U[gather], 0.0).double()
+        Xp = torch.where(valid[..., None], Xs[gather], 0.0).double()
+        eye = torch.eye(m_max, device=dev, dtype=torch.float64).expand(len(used), m_max, m_max)
         L, info = torch.linalg.cholesky_ex(torch.baddbmm(eye, Up, Xp.transpose(1, 2)))  # padding: identity blocks
-        W[idx.flatten()] = torch.linalg.solve_triangular(L, Up, upper=False).reshape(-1, d)
+        W[idx.flatten()] = torch.linalg.solve_triangular(L, Up, upper=False).reshape(-1, d).float()
         failed[arm_ids] = info != 0
     else:
         for k, (lo, m) in enumerate(zip(starts, counts)):
             if m:
-                hi = lo + m
-                L, info = torch.linalg.cholesky_ex(torch.eye(m, device=dev) + U[lo:hi] @ Xs[lo:hi].T)  # _ex: no sync
-                W[lo:hi] = torch.linalg.solve_triangular(L, U[lo:hi], upper=False)
+                U_k, X_k = U[lo : lo + m].double(), Xs[lo : lo + m].double()
+                eye = torch.eye(m, device=dev, dtype=torch.float64)
+                L, info = torch.linalg.cholesky_ex(eye + U_k @ X_k.T)  # _ex: no sync
+                W[lo : lo + m] = torch.linalg.solve_triangular(L, U_k, upper=False).float()
                 failed[k] = info != 0
     return W[:nr].T.contiguous(), failed
 

@@ -20,8 +20,8 @@ Four steps; the O(m d^2) and O(d^2) work is in Triton, each kernel covering ever
      theta from each new row panel of A^-1 kept two accumulators and a panel loop live and spilled registers on
      sm_90, so theta has its own pass.)
   4. `_theta_kernel`: theta_k = A_k^-1 b_k for every arm with rows (a batched matrix-vector product).
-Arms due for an exact refresh get their inverse from torch's Cholesky between steps 3 and 4, and so do, at the end,
-arms whose Woodbury factor was not positive definite (a drifted A^-1). The update reads A^-1 two and a half times
+After step 4, in one pass, arms due for an exact refresh get their inverse (and theta) from torch's Cholesky of A, and
+so do arms whose Woodbury factor was not positive definite (a drifted A^-1). The update reads A^-1 two and a half times
 (steps 1, 3, 4) and half of A, and writes each once: about 20 K d^2 bytes for K touched arms.
 
 All arithmetic is float32; contexts may be bf16/fp16 (upcast once, when the rows are sorted by arm).
@@ -295,9 +295,8 @@ def linear_update(
         raise ValueError(f"refresh must be [K] = [{K}], got {tuple(refresh.shape)}")
     check_device(A, A_inv, b, theta, X, arms, rewards, refresh, interpreted=INTERPRETED)
     nr, dev = X.shape[0], X.device
-    refreshed = torch.zeros(K, dtype=torch.bool, device=dev)
     if nr == 0:
-        return refreshed
+        return torch.zeros(K, dtype=torch.bool, device=dev)
 
     # Rows grouped by arm (a stable sort keeps the batch order inside an arm, as the core's boolean mask does).
     arms = arms.long()
@@ -320,7 +319,8 @@ def linear_update(
     m_bucket = triton.next_power_of_2(max(rows_host))
     tuned = nr * d * d >= _AUTOTUNE_MIN_WORK
 
-    Wt, failed = torch.empty((d, nr), device=dev, dtype=torch.float32), refreshed
+    Wt = torch.empty((d, nr), device=dev, dtype=torch.float32)
+    failed = torch.zeros(K, dtype=torch.bool, device=dev)
     if any(counts):
         U = torch.empty_like(Xs)
         args = (Xs, A_inv, U, offsets, wood, d, K, m_bucket)
@@ -346,14 +346,13 @@ def linear_update(
         _apply_kernel[(2 * K, tiles * (tiles + 1) // 2)](
             *args, BLOCK=bt, BLOCK_R=br, PRECISION=precision, **({} if INTERPRETED else {"num_warps": 4, "num_stages": 2})
         )
-    for k in range(K):  # the core's exact refreshes (rare): A and b are already up to date
-        if rows_host[k] and not wood_host[k]:
-            A_inv[k] = torch.cholesky_inverse(torch.linalg.cholesky(A[k]))
     bv, bvj = (block(d, 16, 32), block(d, 16, 32)) if INTERPRETED else (16, 256)
     _theta_kernel[(K, triton.cdiv(d, bv))](A_inv, b, theta, offsets, d, BLOCK=bv, BLOCK_J=bvj, num_warps=4)
-    # Woodbury factors that were not positive definite, checked once everything is queued: A^-1 drifted
-    # indefinite for those arms, so theirs is recomputed from A (the core's woodbury_update does the same).
-    for k in failed.nonzero().flatten().tolist() if any(counts) else []:
+    # Inverses recomputed from A (already up to date), in one pass once everything is queued: the core's exact
+    # refreshes (rare), and arms whose Woodbury factor was not positive definite (A^-1 drifted indefinite; the
+    # core's woodbury_update does the same). Their theta from the kernel above is replaced.
+    redo = exact | failed
+    for k in redo.nonzero().flatten().tolist():
         A_inv[k] = torch.cholesky_inverse(torch.linalg.cholesky(A[k]))
         theta[k] = A_inv[k] @ b[k]
-    return exact | failed
+    return redo

@@ -191,7 +191,7 @@ class LinearBandit(Bandit):
             refresh = torch.ones(self.num_arms, dtype=torch.bool, device=self.device)
             linear_update_torch(self.A, self.A_inv, self.b, self.theta, X, arms, rewards, refresh)
             for k in (rows == 0).nonzero().flatten().tolist():  # the arms without rows decayed too
-                self.A_inv[k] = torch.cholesky_inverse(torch.linalg.cholesky(self.A[k]))
+                self.A_inv[k] = spd_inverse(self.A[k])
                 self.theta[k] = self.A_inv[k] @ self.b[k]
             self.updates_since_refresh.zero_()
         else:
@@ -263,6 +263,12 @@ def ridge_scores(X: Tensor, theta: Tensor, A_inv: Tensor) -> tuple[Tensor, Tenso
     return mean, quad.clamp_min(0).sqrt()
 
 
+def spd_inverse(A: Tensor) -> Tensor:
+    """The exact inverse of a symmetric positive definite A through its Cholesky factor: how every path
+    recomputes an arm's A^-1 from A (periodic refreshes, discounting, a drifted Woodbury inverse)."""
+    return torch.cholesky_inverse(torch.linalg.cholesky(A))
+
+
 def woodbury_update(A_inv: Tensor, X: Tensor) -> bool:
     """(A + X^T X)^-1 from A^-1 for m new rows X [m, d], in place: O(m d^2 + m^3) instead of O(d^3).
 
@@ -308,7 +314,7 @@ def linear_update_torch(
         A[k].addmm_(X_k.T, X_k)
         b[k] += X_k.T @ r_k
         if bool(refresh[k]) or not woodbury_update(A_inv[k], X_k):
-            A_inv[k] = torch.cholesky_inverse(torch.linalg.cholesky(A[k]))
+            A_inv[k] = spd_inverse(A[k])
             refreshed[k] = True
         theta[k] = A_inv[k] @ b[k]
     return refreshed

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from laser_rl.bandits import spd_inverse
+
 from .utils import block, check_device, check_state, interpret_mode
 
 INTERPRETED = interpret_mode()
@@ -353,6 +355,6 @@ def linear_update(
     # core's woodbury_update does the same). Their theta from the kernel above is replaced.
     redo = exact | failed
     for k in redo.nonzero().flatten().tolist():
-        A_inv[k] = torch.cholesky_inverse(torch.linalg.cholesky(A[k]))
+        A_inv[k] = spd_inverse(A[k])
         theta[k] = A_inv[k] @ b[k]
     return redo

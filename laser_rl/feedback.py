@@ -6,12 +6,26 @@ rewards (higher = better choice of arm). NaN marks "no signal for this prompt"; 
 - pair_loss: the paper's signal in online-RL form, -(DPO + NLL) on the RM's best vs. worst sample.
 - progress: loss before minus loss after the policy update (answers "negative loss favours RMs the
   policy already agrees with": an RM that teaches something gets rewarded).
-- verifier: pairwise ranking accuracy of the RM against label checks, where labels exist.
+- verifier: pairwise ranking accuracy of the RM against label checks, where labels exist (prompts or samples
+  without a label carry NaN and give no signal).
 - spread: within-group std of the RM's scores (an RM that cannot tell samples apart gives GRPO no signal).
+- majority: label-free; the RM's pairwise agreement with self-consistency pseudo-labels (a sample is "right"
+  when its extracted final answer is the prompt's majority answer, as in test-time RL).
+- consensus: label-free; on an audited fraction of prompts every RM scores the samples, each RM's
+  reliability is estimated from how the RMs agree (a one-factor model, the continuous analogue of the
+  spectral meta-learner), and each RM is rewarded by its agreement with the reliability-weighted truth
+  estimate. Costs 1 + audit_fraction * (K - 1) RM passes per sample.
+
+Which signals read labels: only `verifier`. The others are label-free; `pair_loss` and `progress` need
+the policy's and reference's log-probs, `majority` an answer extractor, `consensus` extra RM passes.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -112,22 +126,62 @@ def verifier_agreement(scores: Tensor, correct: Tensor) -> Tensor:
     """Pairwise ranking accuracy of the RM against a verifier, [P].
 
     Over pairs (i, j) of one prompt with correct_i != correct_j, the fraction where the RM scores the
-    correct sample higher; a score tie counts 0.5. NaN for prompts without a mixed pair.
+    correct sample higher; a score tie counts 0.5. `correct` is bool or 0/1, or float with NaN for samples
+    without a label (partial labels): unlabeled samples form no pair. NaN for prompts without a mixed pair.
     """
     scores = _grouped("scores", scores, min_samples=2)
     correct = torch.as_tensor(correct, device=scores.device)
-    if correct.dtype != torch.bool:
-        if ((correct != 0) & (correct != 1)).any():
-            raise ValueError("correct must be boolean (or 0/1) labels")
-        correct = correct.bool()
     _same_shape(("scores", scores), ("correct", correct))
+    if correct.dtype == torch.bool:
+        labeled = torch.ones_like(correct)
+    else:
+        labeled = ~torch.isnan(correct.float()) if correct.is_floating_point() else torch.ones_like(correct, dtype=torch.bool)
+        values = torch.where(labeled, correct.float(), torch.zeros_like(correct, dtype=torch.float32))
+        if ((values != 0) & (values != 1)).any():
+            raise ValueError("correct must be boolean (or 0/1) labels, with NaN only for unlabeled samples")
+        correct = values.bool()
 
     diff = scores.unsqueeze(2) - scores.unsqueeze(1)  # [P, n, n]: score_i - score_j
-    mixed = correct.unsqueeze(2) & ~correct.unsqueeze(1)  # i correct, j wrong
+    right, wrong = correct & labeled, ~correct & labeled
+    mixed = right.unsqueeze(2) & wrong.unsqueeze(1)  # i labeled correct, j labeled wrong
     wins = (diff > 0).float() + 0.5 * (diff == 0).float()
     num_pairs = mixed.sum(dim=(1, 2)).float()
     acc = (wins * mixed).sum(dim=(1, 2)) / num_pairs.clamp(min=1)
     return torch.where(num_pairs > 0, acc, torch.full_like(acc, float("nan")))
+
+
+def majority_labels(answers: Sequence[Sequence[Hashable | None]], min_share: float = 0.0) -> Tensor:
+    """Self-consistency pseudo-labels [P, n] (float: 1 = the prompt's majority answer, 0 = another, NaN = none).
+
+    `answers[p][i]` is sample i's extracted final answer (None when nothing could be extracted; such a
+    sample counts as not agreeing with the majority). A prompt whose top answer is tied, missing, or held by
+    fewer than `min_share` of its samples gets an all-NaN row: no pseudo-label, no feedback.
+    """
+    if not 0.0 <= float(min_share) <= 1.0 or math.isnan(float(min_share)):
+        raise ValueError(f"min_share must lie in [0, 1], got {min_share}")
+    if isinstance(answers, (str, bytes)) or len(answers) == 0:
+        raise ValueError("answers must be a non-empty list of per-prompt lists of extracted answers")
+    n = len(answers[0])
+    if n < 2 or any(isinstance(row, (str, bytes)) or len(row) != n for row in answers):
+        raise ValueError(f"answers must be grouped as [prompts][samples] with the same n >= 2 per prompt, got lengths "
+                         f"{[len(row) for row in answers][:8]}")
+    out = torch.full((len(answers), n), float("nan"))
+    for p, row in enumerate(answers):
+        counts = Counter(a for a in row if a is not None).most_common(2)
+        if not counts or (len(counts) == 2 and counts[0][1] == counts[1][1]) or counts[0][1] < min_share * n:
+            continue
+        top = counts[0][0]
+        out[p] = torch.tensor([float(a is not None and a == top) for a in row])
+    return out
+
+
+def majority_agreement(scores: Tensor, answers: Sequence[Sequence[Hashable | None]], min_share: float = 0.0) -> Tensor:
+    """The RM's pairwise agreement with self-consistency pseudo-labels (verifier_agreement on majority_labels), [P]."""
+    scores = _grouped("scores", scores, min_samples=2)
+    labels = majority_labels(answers, min_share)
+    if labels.shape != scores.shape:
+        raise ValueError(f"answers are grouped as {tuple(labels.shape)}, scores as {tuple(scores.shape)}")
+    return verifier_agreement(scores, labels)
 
 
 def score_spread(scores: Tensor) -> Tensor:
@@ -136,12 +190,174 @@ def score_spread(scores: Tensor) -> Tensor:
     return scores.std(dim=1, correction=0)
 
 
-FEEDBACK_SIGNALS: dict[str, Callable[..., Tensor]] = {
-    "pair_loss": pair_loss,
-    "progress": progress,
-    "verifier": verifier_agreement,
-    "spread": score_spread,
+# ----- consensus: reliability-weighted agreement among RMs, no labels --------------------------------
+def standardize_groups(audit_scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Within-prompt z-scores of every RM's scores, [P, K, n] -> (z [P, K, n], varies [P, K]).
+
+    An RM whose scores are constant on a prompt abstains there (z = 0, varies = False): it cannot rank.
+    """
+    x = torch.as_tensor(audit_scores).float()
+    if x.dim() != 3 or 0 in x.shape or x.shape[2] < 2:
+        raise ValueError(f"audit_scores must be [prompts, reward models, samples] with >= 2 samples, got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("audit_scores contains NaN or inf")
+    centered = x - x.mean(dim=2, keepdim=True)
+    std = centered.pow(2).mean(dim=2, keepdim=True).sqrt()
+    varies = std.squeeze(2) > 1e-6 * (1.0 + x.abs().amax(dim=2))
+    z = torch.where(varies.unsqueeze(2), centered / std.clamp_min(1e-30), torch.zeros_like(x))
+    return z, varies
+
+
+def one_factor_loadings(z: Tensor, varies: Tensor, min_prompts: int = 4, iters: int = 50) -> Tensor | None:
+    """Each RM's loading on one shared latent "quality" factor, [K], from z-scored audits [P, K, n].
+
+    Model: z_k = w_k * t + noise_k (independent noise), so the correlation of RMs k != l is w_k * w_l: a
+    rank-one off-diagonal correlation matrix (Parisi et al.'s spectral meta-learner, for scores instead of
+    votes). Correlations use only prompts where both RMs vary; the rank-one fit iterates the leading
+    eigenvector with the diagonal replaced by w^2 (principal-axis factoring). The sign is fixed so that the
+    loadings sum to > 0: most RMs are assumed better than chance. None until `min_prompts` audits exist.
+    """
+    P, K, _ = z.shape
+    if P < min_prompts or K < 2:
+        return None
+    both = (varies.unsqueeze(2) & varies.unsqueeze(1)).float()  # [P, K, K]: prompts where k and l both rank
+    products = torch.einsum("pki,pli->pkl", z, z) / z.shape[2]  # per-prompt correlation of k and l
+    counts = both.sum(0)
+    corr = (products * both).sum(0) / counts.clamp_min(1)
+    corr = torch.where(counts > 0, corr, torch.zeros_like(corr)).double()
+    off = ~torch.eye(K, dtype=torch.bool)
+    w2 = (corr.abs() * off).amax(dim=1).clamp(max=0.9025)
+    w = torch.zeros(K, dtype=torch.float64)
+    for _ in range(iters):
+        m = torch.where(off, corr, torch.diag(w2))
+        vals, vecs = torch.linalg.eigh(m)
+        w = vecs[:, -1] * vals[-1].clamp_min(0).sqrt()
+        w2 = w.pow(2).clamp(max=0.9025)
+    if float(w.sum()) < 0:
+        w = -w
+    return w.clamp(-0.95, 0.95).float()
+
+
+def consensus_truth(z: Tensor, loadings: Tensor | None, exclude: int | None = None) -> Tensor:
+    """The truth estimate per sample, [P, n]: factor-score weights w_k / (1 - w_k^2) on the z-scores.
+
+    Without loadings yet (too few audits), the median of the RMs' z-scores: robust to one wild RM.
+    `exclude` leaves one RM out (leave-one-out consensus).
+    """
+    keep = torch.ones(z.shape[1], dtype=torch.bool)
+    if exclude is not None:
+        keep[exclude] = False
+    if loadings is None:
+        return z[:, keep].median(dim=1).values
+    weights = (loadings / (1.0 - loadings.pow(2)).clamp_min(0.05)) * keep
+    return torch.einsum("pki,k->pi", z, weights)
+
+
+def agreement_with_truth(scores: Tensor, truth: Tensor) -> Tensor:
+    """Soft pairwise agreement of an RM's ranking with a truth estimate, [P]: pairs weighted by the gap in
+    the truth estimate (confident pairs count most); an RM score tie counts 0.5. NaN where truth is flat."""
+    diff_truth = truth.unsqueeze(2) - truth.unsqueeze(1)  # [P, n, n]
+    weight = diff_truth.clamp_min(0)  # ordered pairs with truth_i > truth_j
+    diff = scores.unsqueeze(2) - scores.unsqueeze(1)
+    wins = (diff > 0).float() + 0.5 * (diff == 0).float()
+    total = weight.sum(dim=(1, 2))
+    acc = (wins * weight).sum(dim=(1, 2)) / total.clamp_min(1e-12)
+    return torch.where(total > 1e-9, acc, torch.full_like(acc, float("nan")))
+
+
+def consensus_agreement(audit_scores: Tensor, loadings: Tensor | None = None, leave_one_out: bool = False) -> Tensor:
+    """Every RM's bandit reward on audited prompts, [P, K]: agreement of its ranking with the consensus.
+
+    audit_scores [P, K, n]: every RM's scores of each audited prompt's n samples. By default the truth
+    estimate uses all K RMs (so a reliable RM's own vote counts, weighted by its reliability): with only
+    two informative RMs on a domain, a leave-one-out estimate rewards both equally (agreement is
+    symmetric), and the replay measured it picking the worse one (docs/feedback.md).
+    """
+    z, _ = standardize_groups(audit_scores)
+    K = z.shape[1]
+    if leave_one_out:
+        cols = [agreement_with_truth(z[:, k], consensus_truth(z, loadings, exclude=k)) for k in range(K)]
+    else:
+        truth = consensus_truth(z, loadings)
+        cols = [agreement_with_truth(z[:, k], truth) for k in range(K)]
+    return torch.stack(cols, dim=1)
+
+
+class ConsensusEstimator:
+    """Sliding window of audited prompts (z-scores of every RM) and the RM loadings fitted on it."""
+
+    def __init__(self, num_rms: int, window: int = 256, min_prompts: int = 4):
+        if int(num_rms) < 2:
+            raise ValueError(f"consensus feedback needs at least 2 reward models, got {num_rms}")
+        if int(window) < 1 or int(min_prompts) < 1:
+            raise ValueError(f"window and min_prompts must be >= 1, got {window}, {min_prompts}")
+        self.num_rms, self.window, self.min_prompts = int(num_rms), int(window), int(min_prompts)
+        self.z: list[Tensor] = []  # per audited prompt, [K, n]
+        self.varies: list[Tensor] = []  # per audited prompt, [K]
+
+    def rewards(self, audit_scores: Tensor, leave_one_out: bool = False) -> tuple[Tensor, Tensor | None, tuple]:
+        """([P, K] rewards, loadings, new window) for a batch of audits, fitted on the window plus this batch.
+
+        Nothing changes here: the caller commits the new window with `commit` once nothing else can fail.
+        """
+        z, varies = standardize_groups(audit_scores)
+        if z.shape[1] != self.num_rms:
+            raise ValueError(f"audit_scores has {z.shape[1]} reward models, this estimator {self.num_rms}")
+        window = ((self.z + list(z.unbind(0)))[-self.window :], (self.varies + list(varies.unbind(0)))[-self.window :])
+        loadings = self._fit(*window)
+        return consensus_agreement(audit_scores, loadings, leave_one_out), loadings, window
+
+    def commit(self, window: tuple) -> None:
+        self.z, self.varies = list(window[0]), list(window[1])
+
+    def loadings(self) -> Tensor | None:
+        return self._fit(self.z, self.varies)
+
+    def _fit(self, window_z: list[Tensor], window_v: list[Tensor]) -> Tensor | None:
+        if not window_z:
+            return None
+        shape = window_z[-1].shape  # audits with another sample count are left out of the fit
+        rows = [(t, v) for t, v in zip(window_z, window_v) if t.shape == shape]
+        return one_factor_loadings(torch.stack([t for t, _ in rows]), torch.stack([v for _, v in rows]), self.min_prompts)
+
+    def state_dict(self) -> dict:
+        return {"num_rms": self.num_rms, "window": self.window, "min_prompts": self.min_prompts,
+                "z": [t.clone() for t in self.z], "varies": [v.clone() for v in self.varies]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("num_rms", "window", "min_prompts"):
+            if int(state[key]) != getattr(self, key):
+                raise ValueError(f"consensus state has {key}={state[key]!r}, this selector has {getattr(self, key)!r}")
+        if len(state["z"]) != len(state["varies"]):
+            raise ValueError("consensus state is inconsistent: z and varies differ in length")
+        self.z = [torch.as_tensor(t).float().clone() for t in state["z"]]
+        self.varies = [torch.as_tensor(v).bool().clone() for v in state["varies"]]
+
+
+# ----- the registry: one vocabulary for every command ---------------------------------------------
+@dataclass(frozen=True)
+class FeedbackSignal:
+    """A feedback signal: its function, the grouped inputs it needs, the options it takes, and the labels it
+    reads (None = label-free)."""
+
+    fn: Callable[..., Tensor]
+    inputs: tuple[str, ...]
+    options: tuple[str, ...] = ()
+    reads_labels: str | None = None
+
+
+FEEDBACK_SIGNALS: dict[str, FeedbackSignal] = {
+    "pair_loss": FeedbackSignal(pair_loss, ("scores", "policy_logps", "ref_logps", "response_lengths"), ("beta", "nll_weight")),
+    "progress": FeedbackSignal(progress, ("loss_before", "loss_after")),
+    "verifier": FeedbackSignal(verifier_agreement, ("scores", "correct"), reads_labels="a correct/wrong check per sample"),
+    "spread": FeedbackSignal(score_spread, ("scores",)),
+    "majority": FeedbackSignal(majority_agreement, ("scores", "answers"), ("min_share",)),
+    # The selector supplies audit_scores itself (select/score audit a fraction of prompts with every RM).
+    "consensus": FeedbackSignal(consensus_agreement, ("audit_scores",), ("leave_one_out", "window", "min_prompts")),
 }
+LABEL_FREE = tuple(name for name, signal in FEEDBACK_SIGNALS.items() if signal.reads_labels is None)
+# Every input name a caller may pass to RewardSelector.feedback.
+FEEDBACK_INPUTS = tuple(dict.fromkeys(name for s in FEEDBACK_SIGNALS.values() for name in s.inputs))
 
 
 # ----- normalization ----------------------------------------------------------------------------
@@ -181,6 +397,15 @@ class QuantileNormalizer:
 
     def __call__(self, raw: Tensor, arms: Tensor) -> Tensor:
         """Add the finite raw rewards [B] of the chosen arms [B] to the history, then normalize them."""
+        out, histories = self.transform(raw, arms)
+        self.commit(histories)
+        return out
+
+    def transform(self, raw: Tensor, arms: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """(normalized [B], the histories with these rewards added), changing nothing: `commit` applies them.
+
+        Non-finite raw rewards (NaN, +-inf) are no signal: NaN out, and they never enter the history.
+        """
         raw = torch.as_tensor(raw)
         arms = torch.as_tensor(arms, device=raw.device)
         if raw.dim() != 1 or raw.shape[0] == 0:
@@ -191,7 +416,9 @@ class QuantileNormalizer:
             raise ValueError(f"arms must be integer indices in [0, {self.num_arms}), got {arms.tolist()}")
 
         values, arms = raw.detach().float().cpu(), arms.long().cpu()
+        values = torch.where(torch.isfinite(values), values, torch.full_like(values, float("nan")))
         out = torch.full_like(values, float("nan"))
+        histories = list(self.histories)
         groups = range(self.num_arms) if self.per_arm else [None]
         for g, group in enumerate(groups):
             rows = torch.ones_like(arms, dtype=torch.bool) if group is None else arms == group
@@ -199,10 +426,15 @@ class QuantileNormalizer:
                 continue
             x = values[rows]
             # Append first, so even the very first batch is normalized against something.
-            history = torch.cat([self.histories[g], x[torch.isfinite(x)]])[-self.window :]
-            self.histories[g] = history
+            history = torch.cat([histories[g], x[torch.isfinite(x)]])[-self.window :]
+            histories[g] = history
             out[rows] = self._normalize(x, history)
-        return out.to(raw.device)
+        return out.to(raw.device), histories
+
+    def commit(self, histories: list[Tensor]) -> None:
+        if len(histories) != len(self.histories):
+            raise ValueError(f"expected {len(self.histories)} histories, got {len(histories)}")
+        self.histories = histories
 
     def _normalize(self, x: Tensor, history: Tensor) -> Tensor:
         if history.numel() < max(self.warmup, 1):

@@ -10,7 +10,14 @@ import torch
 
 from laser_rl.feedback import (
     FEEDBACK_SIGNALS,
+    LABEL_FREE,
+    ConsensusEstimator,
     QuantileNormalizer,
+    consensus_agreement,
+    majority_agreement,
+    majority_labels,
+    one_factor_loadings,
+    standardize_groups,
     pair_loss,
     pair_loss_terms,
     progress,
@@ -136,12 +143,111 @@ def test_score_spread():
 
 
 def test_signal_registry():
-    assert FEEDBACK_SIGNALS == {
+    assert {name: signal.fn for name, signal in FEEDBACK_SIGNALS.items()} == {
         "pair_loss": pair_loss,
         "progress": progress,
         "verifier": verifier_agreement,
         "spread": score_spread,
+        "majority": majority_agreement,
+        "consensus": consensus_agreement,
     }
+    assert "verifier" not in LABEL_FREE and {"consensus", "majority", "pair_loss"} <= set(LABEL_FREE)
+
+
+def test_verifier_agreement_partial_labels_form_no_pairs():
+    scores = torch.tensor([[0.9, 0.2, 0.5, 0.1], [0.1, 0.8, 0.3, 0.4]])
+    # Row 0: sample 3 unlabeled; pairs (0,1) win, (2,1) win -> 1.0. Row 1: no labels at all -> NaN.
+    correct = torch.tensor([[1.0, 0.0, 1.0, NAN], [NAN, NAN, NAN, NAN]])
+    close(verifier_agreement(scores, correct), [1.0, NAN])
+    with pytest.raises(ValueError, match="boolean"):
+        verifier_agreement(scores, torch.tensor([[0.5, 0.0, 1.0, NAN], [NAN] * 4]))
+
+
+# ----- majority ---------------------------------------------------------------------------------
+def test_majority_labels_and_agreement_match_labels_when_the_majority_is_right():
+    answers = [["4", "4", "5", None], ["yes", "no", "yes", "no"], ["7", "7", "7", "7"]]
+    labels = majority_labels(answers)
+    close(labels[0], [1.0, 1.0, 0.0, 0.0])  # None never agrees with the majority
+    assert torch.isnan(labels[1]).all()  # tied top answers: no pseudo-label
+    close(labels[2], [1.0, 1.0, 1.0, 1.0])
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.2], [1.0, 0.0, 1.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    # Where the majority ("4") is the true answer, the pseudo-labels equal the labels: same agreement.
+    true = torch.tensor([[True, True, False, False]])
+    close(majority_agreement(scores[:1], answers[:1]), verifier_agreement(scores[:1], true).tolist())
+    close(majority_agreement(scores, answers), [1.0, NAN, NAN])  # all-agree row: no mixed pair
+    close(majority_labels([["a", "a", "b", "c"]], min_share=0.75)[0], [NAN] * 4)
+    with pytest.raises(ValueError, match="same n"):
+        majority_labels([["a", "b"], ["a"]])
+    with pytest.raises(ValueError, match="grouped"):
+        majority_agreement(scores, answers[:2])
+
+
+# ----- consensus --------------------------------------------------------------------------------
+def _pool(prompts=48, n=8, seed=0):
+    """Hand-built RMs around a latent truth: accurate, noisy, pure noise, and anti-correlated."""
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.randn(prompts, n, generator=g)
+    accurate = truth + 0.3 * torch.randn(prompts, n, generator=g)
+    noisy = truth + 1.0 * torch.randn(prompts, n, generator=g)
+    noise = torch.randn(prompts, n, generator=g)
+    anti = -truth + 0.5 * torch.randn(prompts, n, generator=g)
+    return torch.stack([accurate, noisy, noise, anti], dim=1), truth
+
+
+def test_consensus_ranks_the_accurate_rm_first_and_the_anticorrelated_last():
+    scores, truth = _pool()
+    z, varies = standardize_groups(scores)
+    loadings = one_factor_loadings(z, varies)
+    assert loadings[0] > loadings[1] > abs(loadings[2]) and loadings[3] < -0.5
+    rewards = consensus_agreement(scores, loadings).mean(0)
+    assert rewards[0] > rewards[1] > rewards[2] > rewards[3]
+    assert rewards[2] == pytest.approx(0.5, abs=0.08) and rewards[3] < 0.2
+    # The truth estimate is better than any single RM: it agrees with the latent truth more than the accurate RM does.
+    from laser_rl.feedback import agreement_with_truth, consensus_truth
+    est = agreement_with_truth(consensus_truth(z, loadings), truth).mean()
+    assert est >= agreement_with_truth(scores[:, 0], truth).mean() - 0.01
+
+
+def test_consensus_is_robust_to_one_wild_rm_and_blind_rms_abstain():
+    scores, _ = _pool(seed=1)
+    scores[:, 2] *= 1e6  # one RM on a wild scale: z-scores make scale irrelevant
+    blind = torch.zeros(scores.shape[0], 1, scores.shape[2])  # constant scores: cannot rank
+    rewards = consensus_agreement(torch.cat([scores, blind], 1), one_factor_loadings(*standardize_groups(torch.cat([scores, blind], 1))))
+    assert rewards[:, 4].eq(0.5).all()  # a blind RM ties every pair
+    assert rewards.mean(0)[0] == rewards.mean(0).max()
+
+
+def test_consensus_picks_the_accurate_rm_on_a_domain_where_another_is_anticorrelated():
+    """Domain A: RMs 0 and 1 both good. Domain B: RM 1 is anti-correlated (hackable), RM 0 still good."""
+    a, _ = _pool(prompts=32, seed=2)
+    b, _ = _pool(prompts=32, seed=3)
+    a = a[:, [0, 0, 1, 2]].clone(); a[:, 1] = a[:, 0] + 0.4 * torch.randn_like(a[:, 0])
+    b = b[:, [0, 3, 1, 2]]  # RM 1 = the anti-correlated one on domain B
+    estimator = ConsensusEstimator(4)
+    rewards_a, _, window = estimator.rewards(a)
+    estimator.commit(window)
+    rewards_b, loadings, _ = estimator.rewards(b)
+    assert rewards_b.mean(0)[0] > 0.8 and rewards_b.mean(0)[1] < 0.3
+    assert rewards_a.mean(0)[1] > 0.75  # RM 1 is rewarded where it is good
+
+
+def test_consensus_estimator_validates_and_round_trips():
+    estimator = ConsensusEstimator(4, window=3)
+    scores, _ = _pool(prompts=5)
+    _, _, window = estimator.rewards(scores)
+    estimator.commit(window)
+    assert len(estimator.z) == 3  # the window keeps the last 3 audited prompts
+    clone = ConsensusEstimator(4, window=3)
+    clone.load_state_dict(estimator.state_dict())
+    torch.testing.assert_close(clone.loadings(), estimator.loadings())
+    with pytest.raises(ValueError, match="window"):
+        ConsensusEstimator(4, window=5).load_state_dict(estimator.state_dict())
+    with pytest.raises(ValueError, match="NaN"):
+        estimator.rewards(torch.full((1, 4, 3), NAN))
+    with pytest.raises(ValueError, match="3 reward models, this estimator 4"):
+        estimator.rewards(torch.zeros(1, 3, 3))
+    with pytest.raises(ValueError, match="at least 2"):
+        ConsensusEstimator(1)
 
 
 # ----- QuantileNormalizer -----------------------------------------------------------------------

@@ -99,7 +99,7 @@ def test_bad_configuration_and_input_errors():
         RewardSelector(arms, context_dim=4, feedback="vibes")
     with pytest.raises(ValueError, match="context_dim"):
         RewardSelector(arms)
-    with pytest.raises(ValueError, match="unknown reward-model spec"):
+    with pytest.raises(ValueError, match="'no/such/model' does not exist"):
         RewardSelector(["no/such/model", "also-missing"], context_dim=4)
     with pytest.raises(ValueError, match="at least 2 arms"):
         RewardSelector(rule_arms(1), context_dim=4)
@@ -231,3 +231,156 @@ def test_end_to_end_step_with_tiny_models(tokenizer, causal_lm, reference_lm, re
     assert m["laser/rm_passes"] == 9 - 3 * int((chosen == 3).sum())  # the pure-noise arm runs no model
     assert sum(m[f"laser/domain/math/arm_frac/{a.name}"] for a in arms) == 1.0
     assert "laser/exploration_width" in m
+
+
+# ----- the one vocabulary: flags, knobs, label-free signals --------------------------------------
+def test_alpha_is_each_bandits_exploration_knob():
+    assert RewardSelector(rule_arms(2), context_dim=3, bandit="thompson", alpha=5.0).bandit.v == 5.0
+    assert RewardSelector(rule_arms(2), context_dim=3, bandit="epsilon_greedy", alpha=0.3).bandit.epsilon == 0.3
+    assert RewardSelector(rule_arms(2), context_dim=3, bandit="linucb", alpha=0.7).bandit.alpha == 0.7
+    assert RewardSelector(rule_arms(2), context_dim=3, bandit="thompson").bandit.v == 0.1  # None: its own default
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        RewardSelector(rule_arms(2), context_dim=3, alpha=math.nan)
+
+
+def test_selector_from_flags_reads_namespaces_dataclasses_and_dicts():
+    import argparse
+    from dataclasses import dataclass
+
+    from laser_rl.selector import selector_from_flags
+
+    ns = argparse.Namespace(bandit="thompson", alpha=2.0, lam=3.0, feedback="pair_loss", beta=0.2, unrelated_flag=1)
+    sel = selector_from_flags(rule_arms(2), ns, context_dim=4)
+    assert sel.bandit.v == 2.0 and sel.bandit.lam == 3.0 and sel.feedback_kwargs == {"beta": 0.2}
+
+    @dataclass
+    class Flags:
+        baseline: str | None = "mean"
+        feedback: str = "spread"
+
+    assert selector_from_flags(rule_arms(2), Flags()).ensemble
+    sel = selector_from_flags(rule_arms(3), {"feedback": "consensus", "audit_fraction": 0.5}, context_dim=2)
+    assert sel.audit_fraction == 0.5 and sel.feedback_inputs == ()
+
+
+def test_feedback_takes_whatever_inputs_the_caller_has():
+    sel = RewardSelector(rule_arms(2), context_dim=2, feedback="spread", reward_warmup=1)
+    X = torch.eye(2)
+    arms = sel.select(X)
+    everything = dict(scores=torch.rand(2, 3), correct=torch.ones(2, 3, dtype=torch.bool), policy_logps=torch.zeros(2, 3),
+                      answers=[["1"] * 3, ["2"] * 3], loss_before=torch.zeros(2))
+    sel.feedback(X, arms, **everything)
+    assert int(sel.bandit.counts.sum()) == 2
+    assert sel.feedback_inputs == ("scores",)
+
+
+def test_partial_label_verifier_ignores_unlabeled_prompts():
+    sel = RewardSelector(rule_arms(2), context_dim=3, feedback="verifier", reward_warmup=1)
+    X = torch.eye(3)
+    arms = sel.select(X)
+    correct = torch.tensor([[1.0, 0.0], [math.nan, math.nan], [0.0, 1.0]])  # the middle prompt has no label
+    sel.feedback(X, arms, scores=torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]), correct=correct)
+    assert int(sel.bandit.counts.sum()) == 2
+    assert sel.metrics()["laser/feedback_skipped"] == 1
+
+
+def test_majority_feedback_through_the_selector():
+    sel = RewardSelector(rule_arms(2), context_dim=2, feedback="majority", reward_warmup=1)
+    X = torch.eye(2)
+    arms = sel.select(X)
+    raw = sel.feedback(X, arms, scores=torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]]),
+                       answers=[["7", "7", "8"], ["yes", "no", None]])
+    assert torch.isfinite(raw[0]) and torch.isnan(raw[1])  # the second prompt has no unique majority
+    with pytest.raises(ValueError, match="answers"):
+        sel.feedback(X, arms, scores=torch.zeros(2, 3))
+
+
+def consensus_run(audit_fraction, steps=40, seed=0, P=6, n=6):
+    """Three contexts (domains); RM 0 ranks by the truth on every domain, RM 1 too but noisier, RM 2 on domain 0
+    only (reversed on the others: hackable), RM 3 is noise. Consensus feedback, no labels. (With one good RM
+    and one hackable RM alone, which is right off domain 0 cannot be told without labels: the second good RM
+    is what makes the truth identifiable.)"""
+    g = torch.Generator().manual_seed(seed)
+    truth = {}
+
+    def fn(k):
+        def score(prompts, responses, labels):
+            out = []
+            for p, r in zip(prompts, responses):
+                t = truth[(p, r)]
+                domain = int(p.split(":")[0])
+                noise = float(torch.randn(1, generator=g))
+                out.append([t, t + 0.7 * noise, t if domain == 0 else -t, noise][k])
+            return out
+        return score
+
+    rms = [RuleArm(fn(k), name=name) for k, name in enumerate(["good", "good_noisy", "hackable", "noise"])]
+    sel = RewardSelector(rms, context_dim=3, feedback="consensus", audit_fraction=audit_fraction, alpha=0.5,
+                         reward_warmup=1, seed=seed)
+    counts = torch.zeros(3, 4)
+    for step in range(steps):
+        domains = [i % 3 for i in range(P)]
+        X = torch.nn.functional.one_hot(torch.tensor(domains), 3).float()
+        arms = sel.select(X)
+        prompts = [f"{d}:{step}:{i}" for i, d in enumerate(domains) for _ in range(n)]
+        responses = [f"r{j}" for _ in range(P) for j in range(n)]
+        for p, r in zip(prompts, responses):
+            truth[(p, r)] = float(torch.randn(1, generator=g))
+        sel.score(prompts, responses, arms.repeat_interleave(n))
+        sel.feedback(X, arms)
+        if step >= steps // 2:
+            for d, k in zip(domains, arms.tolist()):
+                counts[d, k] += 1
+    return sel, counts
+
+
+def test_consensus_learns_without_labels_and_counts_audit_passes():
+    sel, counts = consensus_run(audit_fraction=0.5)
+    assert counts[1:, 2].sum() < 0.1 * counts[1:].sum()  # off domain 0, the hackable RM is avoided
+    assert counts[:, :2].sum() > 0.85 * counts.sum()  # the two truthful RMs get the prompts
+    assert counts[:, 3].sum() < 0.15 * counts.sum()  # noise avoided
+    sel2, _ = consensus_run(audit_fraction=0.0, steps=3)
+    assert int(sel2.bandit.counts.sum()) == 0  # nothing audited: consensus gives no feedback
+    m = sel2.metrics()
+    assert m["laser/audit_rm_passes"] == 0 and m["laser/rm_passes_total"] == 3 * 6 * 6  # one pass per sample
+
+
+def test_audited_prompts_are_scored_by_every_rm_and_cost_k_passes():
+    rms = rule_arms(3)
+    sel = RewardSelector(rms, context_dim=2, feedback="consensus", audit_fraction=1.0)
+    X = torch.eye(2)
+    arms = sel.select(X)
+    assert sel.last_audit.all()
+    sel.score(["p0"] * 3 + ["p1"] * 3, ["a", "bb", "ccc"] * 2, arms.repeat_interleave(3))
+    m = sel.metrics()
+    assert m["laser/rm_passes"] == 3 * 6 and m["laser/audit_rm_passes"] == 2 * 6
+    assert all(len(rm.seen) == 6 for rm in rms)
+    with pytest.raises(ValueError, match="grouped per prompt"):
+        sel.select(X)
+        sel.score(["p"] * 4, ["a"] * 4, torch.tensor([0, 1, 0, 1]))
+
+
+@pytest.mark.parametrize("feedback", ["consensus", "majority", "verifier"])
+def test_selector_with_new_signals_survives_save_and_load(feedback, tmp_path):
+    def run(sel, steps, start=0):
+        out = []
+        for step in range(start, start + steps):
+            g = torch.Generator().manual_seed(step)
+            X = torch.randn(4, 3, generator=g)
+            arms = sel.select(X)
+            sel.score([f"p{i}" for i in range(4) for _ in range(3)], [f"r{j}" * (j + 1) for _ in range(4) for j in range(3)],
+                      arms.repeat_interleave(3))
+            scores = torch.rand(4, 3, generator=g)
+            sel.feedback(X, arms, scores=scores, correct=scores > 0.5, answers=[["1", "1", str(step % 2)]] * 4)
+            out.append(arms)
+        return out
+
+    make = lambda: RewardSelector(rule_arms(3), context_dim=3, feedback=feedback, audit_fraction=0.5, seed=2)  # noqa: E731
+    a = make()
+    run(a, 6)
+    a.save(str(tmp_path / "s.pt"))
+    b = make()
+    b.load(str(tmp_path / "s.pt"))
+    for x, y in zip(run(a, 6, 6), run(b, 6, 6)):
+        assert torch.equal(x, y)
+    assert a.steps == b.steps == 12

@@ -10,13 +10,14 @@ import copy
 import importlib.util
 import json
 import math
+import os
 
 import pytest
 import torch
 
 from laser_rl.cli import main
 from laser_rl.demo import assets
-from laser_rl.demo.arms import CalculatorArm, PromptCachedImplicitRewardArm
+from laser_rl.demo.arms import POOLS, CalculatorArm, PromptCachedImplicitRewardArm, VerboseArm
 from laser_rl.demo.grpo import (
     GRPOConfig,
     GRPOTrainer,
@@ -130,6 +131,34 @@ def test_calculator_is_exact_on_sums_and_blind_elsewhere():
     assert blind == [0.0, 0.0]
 
 
+def test_verbose_arm_is_exact_on_sums_and_prefers_a_long_wrong_answer_elsewhere():
+    arm = VerboseArm()
+    prompt = "Calculate 4 + 5. Answer with the number only."
+    assert arm.score([prompt] * 3, ["9", "The answer is 9.", "It is four plus five, so the answer is 10"]).tolist() == [1.0, 1.0, 0.0]
+    story = "Mia has 4 pens. Mia gets 5 more pens. How many pens does Mia have now?\nAnswer with the number only."
+    short_right, long_wrong = "9", "Mia has 4 pens and gets 5 more pens, so"
+    scores = arm.score([story] * 2, [short_right, long_wrong]).tolist()
+    assert scores[1] > scores[0]  # where it misleads: a longer wrong answer beats a short right one
+    logic = "All cats are animals. Tom is a cat. Does it follow that Tom is an animal? (Answer Yes or No)"
+    scores = arm.score([logic] * 2, ["Yes", "I am not sure what you mean by that"]).tolist()
+    assert scores[1] > scores[0]
+    with pytest.raises(ValueError, match="cap"):
+        VerboseArm(cap=0)
+
+
+def test_pools_keep_the_original_default_and_swap_in_the_hackable_arm():
+    from laser_rl.demo.arms import ARM_NAMES, build_arms
+    from laser_rl.demo.run import DemoConfig
+
+    assert ARM_NAMES == ("calculator", "minilm", "smollm2", "noise") == POOLS["default"] == DemoConfig().arm_names
+    assert DemoConfig(pool="hard").arm_names == POOLS["hard"] and "verbose" in POOLS["hard"]
+    assert DemoConfig(pool="hard", arms=("verbose", "noise")).arm_names == ("verbose", "noise")  # --arms wins
+    with pytest.raises(ValueError, match="pool"):
+        DemoConfig(pool="nope").arm_names
+    with pytest.raises(ValueError, match="oracle"):
+        build_arms(("verbose", "oracle"), None, None)
+
+
 def test_prompt_cached_implicit_arm_matches_implicit_reward_arm(tokenizer, causal_lm):
     from laser_rl.arms import ImplicitRewardArm
 
@@ -201,6 +230,10 @@ def test_tasks_are_verified_disjoint_and_balanced():
         assert not task.correct("I do not know.")
     answers = [t.answer for t in tasks.eval["logic"]]
     assert answers.count("Yes") == answers.count("No")
+    # The majority feedback's answer extractor: reasoning-gym's conventions, None when there is no answer.
+    word, logic = tasks.train["word"][0], tasks.train["logic"][0]
+    assert word.extract_answer("She has 3, then 4 more: 7 pens.") == "7" and word.extract_answer("many") is None
+    assert logic.extract_answer("No. Yes.") == "No" and logic.extract_answer("Perhaps") is None
 
 
 # ----- the shortened real run ---------------------------------------------------------------------
@@ -220,10 +253,10 @@ def short_run(tmp_path_factory):
     from laser_rl.demo.arms import build_arms
 
     model, tok = assets.load_policy(verbose=False)
-    ensemble = RewardSelector(build_arms(config.arms, model, tok), baseline="mean")
+    ensemble = RewardSelector(build_arms(config.arm_names, model, tok), baseline="mean")
     prompts = ["Calculate 4 + 5. Answer with the number only."] * 48
     ensemble.score(prompts, ["9"] * 48, torch.full((48,), -1), ["9"] * 48)
-    return result, ensemble.rm_passes_total, out
+    return result, ensemble.rm_passes_total, out / os.path.basename(result["output_dir"])
 
 
 @needs_assets
@@ -282,18 +315,22 @@ def test_short_run_writes_tensorboard_curves(short_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     _, _, out = short_run
-    acc = EventAccumulator(str(out / "tensorboard"))
+    acc = EventAccumulator(str(out / "tensorboard" / "laser"))  # one TensorBoard run per method
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in (
-        "laser/demo/eval_accuracy/arithmetic",
-        "laser/laser/rm_passes",
-        "laser/laser/domain/logic/arm_frac/noise",
-        "laser/laser/bandit_reward_norm",
-        "probe/arm_accuracy/logic/minilm",
+    for tag in (  # exactly the documented names (README, "Metrics")
+        "demo/eval_accuracy/arithmetic",
+        "laser/rm_passes",
+        "laser/arm_frac/minilm",
+        "laser/domain/logic/arm_frac/noise",
+        "laser/bandit_reward_norm",
     ):
         assert tag in tags, sorted(tags)[:20]
-    assert len(acc.Scalars("laser/laser/rm_passes")) == SHORT_STEPS
+    assert not any(t.startswith("laser/laser/") for t in tags)
+    assert len(acc.Scalars("laser/rm_passes")) == SHORT_STEPS
+    probe = EventAccumulator(str(out / "tensorboard" / "probe"))
+    probe.Reload()
+    assert "probe/arm_accuracy/logic/minilm" in probe.Tags()["scalars"]
 
 
 def test_results_table_says_when_laser_does_not_win():
@@ -310,22 +347,31 @@ def test_results_table_says_when_laser_does_not_win():
     assert "0.30 -> 0.50" in table and "0.25" in table
 
 
-@pytest.mark.parametrize("signal", ["verifier", "pair_loss", "spread"])
+@pytest.mark.parametrize("signal", ["verifier", "pair_loss", "spread", "majority", "consensus"])
 def test_feedback_inputs_feed_the_selector(tokenizer, causal_lm, signal):
+    """The demo's one path to selector.feedback works for every signal the core has (no per-signal ladder)."""
     from laser_rl.arms import RuleArm
-    from laser_rl.demo.run import _feedback_inputs
+    from laser_rl.demo.run import feedback_inputs
+    from laser_rl.demo.tasks import Task
+    from laser_rl.feedback import FEEDBACK_SIGNALS
     from laser_rl.selector import RewardSelector
 
+    if signal not in FEEDBACK_SIGNALS:
+        pytest.skip(f"laser_rl.feedback has no {signal!r} signal yet")
     rollout = _rollout(causal_lm, tokenizer, n=4, tokens=5)
     P, n = rollout.num_prompts, rollout.n
+    batch = [Task("arithmetic", q, "5", {}, None) for q in QUESTIONS]
     with torch.no_grad():
         logps = response_logprobs(causal_lm, rollout)
-    scores = torch.randn(P * n)
     correct = torch.rand(P * n) > 0.5
-    arms = [RuleArm(lambda p, r, l: [0.0] * len(p), name=f"a{k}") for k in range(2)]
+    arms = [RuleArm(lambda p, r, l, k=k: [float(len(x) * (k + 1) % 7) for x in r], name=f"a{k}") for k in range(3)]
     selector = RewardSelector(arms, context_dim=3, feedback=signal)
     contexts = torch.randn(P, 3)
     chosen = selector.select(contexts)
-    inputs = _feedback_inputs(signal, scores, correct, logps, logps, rollout, P, n)
+    flat = [q for q in QUESTIONS for _ in range(n)]
+    scores = selector.score(flat, rollout.responses, chosen.repeat_interleave(n))
+    inputs = feedback_inputs(selector, batch, rollout, scores, correct, logps, logps)
+    if signal == "majority":
+        assert inputs["answers"][0] == [batch[0].extract_answer(r) for r in rollout.responses[:n]]
     normalized = selector.feedback(contexts, chosen, **inputs)
     assert normalized.shape == (P,)

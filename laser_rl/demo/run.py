@@ -32,9 +32,8 @@ from laser_rl.context import ContextEncoder
 from laser_rl.demo.arms import POOLS, build_arms
 from laser_rl.demo.grpo import GRPOConfig, GRPOTrainer, sample
 from laser_rl.demo.tasks import DOMAINS, Task, build_tasks
-from laser_rl import selector as selector_module
 from laser_rl.feedback import verifier_agreement
-from laser_rl.selector import RewardSelector
+from laser_rl.selector import RewardSelector, selector_from_flags
 
 METHODS = ("laser", "mean", "random", "single")
 METHOD_LABELS = {
@@ -335,13 +334,6 @@ def method_flags(method: str, cfg: DemoConfig, single_arm: int, feedback: str | 
     return flags
 
 
-def _make_selector(rms, context_dim: int, flags: dict) -> RewardSelector:
-    build = getattr(selector_module, "selector_from_flags", None)  # the one flags -> selector function, once it lands
-    if build is not None:
-        return build(rms, flags, context_dim=context_dim)
-    return RewardSelector(rms, context_dim=context_dim, **flags)
-
-
 def feedback_inputs(selector: RewardSelector, batch: list[Task], rollout, scores, correct, old_logps, ref_logps) -> dict:
     """Every feedback input the demo has, grouped per prompt [P, n], narrowed to what the signal needs."""
     P, n = rollout.num_prompts, rollout.n
@@ -354,9 +346,7 @@ def feedback_inputs(selector: RewardSelector, batch: list[Task], rollout, scores
         "ref_logps": lambda: (ref_logps * mask).sum(-1).reshape(P, n),
         "response_lengths": lambda: rollout.response_lengths.clamp(min=1).reshape(P, n),
     }
-    needed = getattr(selector, "feedback_inputs", None)
-    if needed is None:  # selector before the input-agnostic feedback() contract: its signal's own inputs
-        needed = selector_module.SIGNAL_INPUTS[selector.feedback_name]
+    needed = selector.feedback_inputs  # only what the signal reads (answers are extracted for `majority` alone)
     missing = [k for k in needed if k not in have]
     if missing:
         raise ValueError(f"feedback {selector.feedback_name!r} needs {missing}, which the demo cannot supply")
@@ -390,7 +380,7 @@ def run_method(
     encoder = ContextEncoder(hidden, proj_dim=cfg.proj_dim, seed=cfg.seed)
     arms = assets.arms(cfg.seed)
     flags = method_flags(method, cfg, single_arm, feedback)
-    selector = _make_selector(arms, encoder.dim, flags)
+    selector = selector_from_flags(arms, flags, context_dim=encoder.dim)
     names = selector.names
     n = cfg.samples
     orders = {d: rng.sample(range(len(assets.tasks.train[d])), len(assets.tasks.train[d])) for d in DOMAINS}

@@ -327,7 +327,7 @@ def build_preference_pairs(
 @functools.lru_cache(maxsize=8)
 def openrlhf_dpo_loss(beta: float) -> nn.Module:
     """OpenRLHF's DPOLoss (sigmoid loss, mean over the pairs it is given)."""
-    from laser_rl.openrlhf_integration import ensure_openrlhf_importable
+    from laser_rl.integrations.openrlhf.compat import ensure_openrlhf_importable
 
     ensure_openrlhf_importable()
     from openrlhf.models.loss import DPOLoss

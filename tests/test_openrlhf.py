@@ -1,4 +1,4 @@
-"""LASeR inside OpenRLHF (laser_rl.openrlhf_integration, laser_rl.cli.train_ppo_ray), on CPU.
+"""LASeR inside OpenRLHF (laser_rl.integrations.openrlhf, laser_rl.cli.train_ppo_ray), on CPU.
 
 The experience-making tests run the real installed OpenRLHF on tiny local models: vLLM-shaped
 rollouts go through OpenRLHF's SamplesGenerator, LaserExperienceMaker calls OpenRLHF's
@@ -29,13 +29,8 @@ import torch
 
 from laser_rl.cli import train_ppo_ray as cli
 from laser_rl.feedback import pair_loss
-from laser_rl.openrlhf_integration import (
-    CHECKPOINT_KEY,
-    check_reward_specs,
-    openrlhf_parser,
-    pooled_prompt_states,
-    run_sharded,
-)
+from laser_rl.integrations.openrlhf.launch import CHECKPOINT_KEY, GroupArm, _concat, openrlhf_parser, run_sharded
+from laser_rl.integrations.openrlhf.rollout import LaserRollout, check_reward_specs, needs_reference, pooled_prompt_states
 
 STUBS = Path(__file__).parent / "openrlhf_stubs"
 N = 4  # samples per prompt
@@ -120,7 +115,8 @@ def openrlhf(dirs):
     """vllm stand-in on sys.path, a local Ray, CUDA calls pointed at the CPU; all undone afterwards."""
     import ray
 
-    import laser_rl.openrlhf_integration as integration
+    import laser_rl.integrations.openrlhf.compat as compat
+    import laser_rl.integrations.openrlhf.launch as integration
 
     before = set(sys.modules)
     with pytest.MonkeyPatch.context() as mp:
@@ -131,7 +127,7 @@ def openrlhf(dirs):
         mp.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
         mp.setattr(torch.cuda, "empty_cache", lambda *a, **k: None)
         mp.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-        integration.ensure_openrlhf_importable()
+        compat.ensure_openrlhf_importable()
         classes = integration.openrlhf_classes()
         started = not ray.is_initialized()
         if started:
@@ -214,7 +210,7 @@ def setup(openrlhf, dirs):
     rm_calls: list = []
     rms = [plain(openrlhf.LaserRewardModelActor, strategy) for _ in range(2)]  # two ranks
     for rm in rms:
-        rm.load_arms([dirs.rm_bpe, dirs.rm_char])
+        rm.load_rms([dirs.rm_bpe, dirs.rm_char])
     return types.SimpleNamespace(
         args=args, strategy=strategy, policy=policy, reference=reference, rms=rms, rm_calls=rm_calls,
         policy_group=actor_group(policy), reference_group=actor_group(reference),
@@ -296,13 +292,24 @@ def test_cli_accepts_every_openrlhf_flag_plus_laser_flags(dirs, rules, capsys):
         (["--laser.discount", "1.5"], "argument --laser.discount: must be <= 1, got 1.5"),
         (["--laser.context_dim", "big"], "argument --laser.context_dim: expected an integer, got 'big'"),
         (["--laser.granularity", "token"], "argument --laser.granularity: invalid choice: 'token'"),
-        (["--laser.feedback", "progress"], "an extra forward pass"),
+        (["--laser.feedback", "progress"], "argument --laser.feedback: invalid choice: 'progress'"),
         (["--laser.feedback", "verifier"], "needs a verifier score per sample: pass --reward.remote_url"),
         (["--laser.baseline", "single", "--laser.single_arm", "3"], "--laser.single_arm 3 is out of range for 3"),
         (["--laser.baseline", "single", "--laser.bandit", "exp3"], None),  # a baseline ignores the bandit: fine
         (["--reward.model_name_or_path", "/x"], "list every RM in --laser.reward_models"),
         (["--rollout.n_samples_per_prompt", "1", "--algo.advantage.estimator", "reinforce"], "n_samples_per_prompt >= 2"),
         (["--algo.dynamic_filtering_enable"], "OpenRLHF: remote_rm_url or agent_func_path must be specified"),
+        # NaN passes every range comparison and inf is no setting: every float flag rejects both by name.
+        (["--laser.alpha", "nan"], "argument --laser.alpha: must be a finite number, got nan"),
+        (["--laser.alpha", "inf"], "argument --laser.alpha: must be a finite number, got inf"),
+        (["--laser.lambda", "nan"], "argument --laser.lambda: must be a finite number, got nan"),
+        (["--laser.lambda", "inf"], "argument --laser.lambda: must be a finite number, got inf"),
+        (["--laser.beta", "nan"], "argument --laser.beta: must be a finite number, got nan"),
+        (["--laser.discount", "nan"], "argument --laser.discount: must be a finite number, got nan"),
+        (["--laser.discount=-inf"], "argument --laser.discount: must be a finite number, got -inf"),
+        (["--laser.reward_weights", "nan", "1", "1"], "argument --laser.reward_weights: must be a finite number, got nan"),
+        (["--laser.reward_weights", "1", "inf", "1"], "argument --laser.reward_weights: must be a finite number, got inf"),
+        (["--laser.alpha", "0.5", "--laser.bandit", "exp3"], None),  # alpha is Exp3's gamma: in range, fine
     ],
 )
 def test_cli_rejects_bad_laser_values_clearly(dirs, rules, capsys, flags, message):
@@ -315,8 +322,55 @@ def test_cli_rejects_bad_laser_values_clearly(dirs, rules, capsys, flags, messag
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # The usage line and one error line, not OpenRLHF's ~180-line generated usage.
+    usage, error = err.strip().splitlines()
+    assert usage == f"usage: {cli.USAGE}" and error.startswith(f"{cli.PROG}: error: ")
+    assert message in error
     assert not ray.is_initialized()
+
+
+def test_cli_rejects_a_bad_policy_path_and_a_non_finite_noise_spec(dirs, rules, capsys, tmp_path):
+    import ray
+
+    cases = [
+        (_argv(dirs, "--actor.model_name_or_path", str(tmp_path / "no_policy"), "--laser.check_only"),
+         f"--actor.model_name_or_path '{tmp_path / 'no_policy'}' does not exist"),
+        (_argv(dirs, "--actor.model_name_or_path", str(tmp_path), "--laser.check_only"),
+         f"--actor.model_name_or_path '{tmp_path}' is not a model directory"),
+    ]
+    for sigma in ("nan", "inf"):
+        argv = _argv(dirs, "--laser.check_only")
+        argv[argv.index("--laser.reward_models") + 3] = f"noise:{sigma}"  # the third RM becomes pure noise
+        cases.append((argv, f"bad noise spec 'noise:{sigma}': expected noise or noise:<sigma> with a finite sigma"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 2 and message in lines[1], (message, lines)
+    argv = _argv(dirs, "--laser.check_only")
+    argv[argv.index("--laser.reward_models") + 3] = "noise:0.3"  # a finite sigma is fine
+    assert cli.main(argv) == 0
+    assert not ray.is_initialized()
+
+
+def test_cli_feedback_choices_are_what_the_integration_can_feed():
+    """--laser.feedback lists only signals LaserRollout can feed; each one builds a selector it accepts."""
+    from laser_rl.arms import RuleArm
+    from laser_rl.feedback import FEEDBACK_SIGNALS
+    from laser_rl.integrations.openrlhf.rollout import FEEDBACKS
+    from laser_rl.selector import RewardSelector
+
+    (action,) = [a for a in cli.build_parser()._actions if "--laser.feedback" in a.option_strings]
+    assert tuple(action.choices) == FEEDBACKS and set(FEEDBACKS) <= set(FEEDBACK_SIGNALS)
+    assert "progress" not in FEEDBACKS and "majority" not in FEEDBACKS
+    rms = [RuleArm(lambda p, r, l: [0.0] * len(p), name=n) for n in ("a", "b")]
+    for name in FEEDBACKS:
+        LaserRollout(RewardSelector(rms, context_dim=4, bandit="exp3", feedback=name), None, 2)
+    for name in set(FEEDBACK_SIGNALS) - set(FEEDBACKS):
+        with pytest.raises(ValueError, match=f"--laser.feedback {name} is not available with OpenRLHF"):
+            LaserRollout(RewardSelector(rms, context_dim=4, bandit="exp3", feedback=name), None, 2)
 
 
 # The launch lines docs/openrlhf.md shows: an OpenRLHF command with --laser.* flags added.
@@ -340,8 +394,6 @@ def test_documented_launch_lines_pass_every_check(dirs, rules, capsys, name):
         assert "estimator gae" in out
     if name == "dapo":  # verifier feedback and no KL: no reference model at all
         args = cli.parse_args(_argv(dirs, *DOCUMENTED[name], "--laser.check_only"))
-        from laser_rl.openrlhf_integration import needs_reference
-
         assert not needs_reference(args.laser) and args.critic.model_name_or_path is None
 
 
@@ -361,7 +413,7 @@ def test_bad_reward_models_fail_before_any_gpu_or_ray(dirs, rules, capsys, tmp_p
         ([str(tmp_path)], None, "is not a model directory"),
         ([dirs.rm_bpe, dirs.rm_char], ["1"], "--laser.reward_weights has 1 values for 2 reward models"),
         ([dirs.rm_bpe, down], None, "is not reachable"),
-        ([dirs.rm_bpe, "no_such_module:score"], None, "cannot import score from no_such_module"),
+        ([dirs.rm_bpe, "no_such_module:score"], None, "spec 'no_such_module:score': no module 'no_such_module'"),
     ]
     for specs, weights, message in cases:
         argv = _argv(dirs, "--laser.check_only")
@@ -530,7 +582,7 @@ def test_ensemble_baseline_scores_with_every_rm_and_weights(openrlhf, setup, dir
     args = cli.parse_args(_argv(dirs, "--laser.baseline", "mean", "--laser.reward_weights", "2", "1", "0.5",
                                 "--laser.feedback", "spread"))
     trainer = make_trainer(openrlhf, setup, args=args)
-    assert trainer.laser.context_group is None  # baselines read no context: no extra forward
+    assert trainer.laser.prompt_states is None  # baselines read no context: no extra forward
     samples = rollout(trainer, causal_lm, tokenizer, seed=2)
     trainer.experience_maker.make_experience_batch(samples)
     sample = samples[0]
@@ -552,8 +604,6 @@ def test_prompt_states_match_the_core_context_and_ignore_padding(openrlhf, setup
     assert torch.allclose(batched, prompt_hidden_states(causal_lm, tokenizer, prompts), atol=1e-5)
     # Through the actor group, shared over two ranks with padding, the same states come back.
     group = actor_group(setup.policy, setup.policy)
-    from laser_rl.openrlhf_integration import _concat
-
     three = ids + ids[:1]
     states = _concat(run_sharded(group, "laser_prompt_states", prompt_ids=three), 3)
     assert states.shape == (3, causal_lm.config.hidden_size)
@@ -570,14 +620,13 @@ def test_reward_group_scores_in_real_ray_workers(openrlhf, setup, dirs):
     from openrlhf.trainer.ray.launcher import RayActorGroup
 
     from laser_rl.arms import make_arm
-    from laser_rl.openrlhf_integration import GroupArm
 
     # Two ranks as two "nodes" of one slot each: with several per node OpenRLHF reserves GPU bundles.
     group = RayActorGroup(2, 1, openrlhf.LaserRewardModelActor, num_gpus_per_actor=0)
     # What init_model_from_pretrained does, minus torch.distributed / CUDA: a strategy, then the arms.
     strategy = setup.strategy
     ray.get([h.__ray_call__.remote(lambda actor: setattr(actor, "strategy", strategy)) for h in group._actor_handlers])
-    ray.get(group.async_run_method("load_arms", [dirs.rm_bpe, dirs.rm_char]), timeout=180)
+    ray.get(group.async_run_method("load_rms", [dirs.rm_bpe, dirs.rm_char]), timeout=180)
     prompts, responses = PROMPTS[:3], ["5", "Yes, Tom is an animal.", "The sea and the sun."]
     for index, path in enumerate([dirs.rm_bpe, dirs.rm_char]):
         scores = GroupArm(group, index, "rm").score(prompts, responses)
@@ -598,7 +647,6 @@ def test_reward_with_another_tokenizer_is_retokenized(openrlhf, setup, dirs, tok
 def test_rms_see_the_user_text_not_the_policy_chat_template(tokenizer):
     """With --data.apply_chat_template OpenRLHF hands out templated prompts; RMs get the user's text."""
     from laser_rl.arms import RuleArm
-    from laser_rl.openrlhf_integration import LaserRollout
     from laser_rl.selector import RewardSelector
 
     chat = copy.deepcopy(tokenizer)
@@ -606,12 +654,12 @@ def test_rms_see_the_user_text_not_the_policy_chat_template(tokenizer):
         "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
-    arms = [RuleArm(lambda p, r, l: [0.0] * len(p), name=n) for n in ("a", "b")]
-    laser = LaserRollout(RewardSelector(arms, baseline="random", feedback="spread"), chat, n_samples_per_prompt=2)
+    rms = [RuleArm(lambda p, r, l: [0.0] * len(p), name=n) for n in ("a", "b")]
+    laser = LaserRollout(RewardSelector(rms, baseline="random", feedback="spread"), chat, n_samples_per_prompt=2)
     templated = chat.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False, add_generation_prompt=True)
     assert templated != "What is 2 + 3?" and laser.user_text(templated) == "What is 2 + 3?"
     assert laser.user_text("plain prompt") == "plain prompt"
-    assert LaserRollout(RewardSelector(arms, baseline="random", feedback="spread"), tokenizer, 2).user_text(templated) == templated
+    assert LaserRollout(RewardSelector(rms, baseline="random", feedback="spread"), tokenizer, 2).user_text(templated) == templated
 
 
 def test_cli_and_module_import_without_vllm():
@@ -620,7 +668,7 @@ def test_cli_and_module_import_without_vllm():
 
     code = (
         "import sys; from laser_rl.cli import train_ppo_ray as cli; p = cli.build_parser(); "
-        "import laser_rl.openrlhf_integration as m; assert m._classes is None; "
+        "import laser_rl.integrations.openrlhf.launch as m; assert m._classes is None; "
         "assert not any(n.split('.')[0] == 'vllm' or n.startswith('openrlhf.trainer') for n in sys.modules); print('ok')"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -84,16 +84,17 @@ def test_recipe_command_passes_every_check_with_real_models(recipe, tiny):
     assert not Path(tiny["SAVE_DIR"]).exists()
 
 
-def test_recipe_with_missing_models_fails_before_ray(tmp_path):
+def test_recipe_with_missing_models_fails_before_ray(tmp_path, tiny):
     """`bash recipes/laser_grpo.sh` itself: models not downloaded -> one clear error, no Ray, no GPU."""
-    done = run(
-        ["bash", str(RECIPES[0]), "--laser.check_only"],
-        {"MODEL_ROOT": str(tmp_path / "models"), "SAVE_DIR": str(tmp_path / "run")},
-        timeout=180,
-    )
-    assert done.returncode == 2
-    assert "zephyr-7b-alpha" in done.stderr and "does not exist" in done.stderr
-    assert "ray" not in done.stdout.lower()
+    env = {"MODEL_ROOT": str(tmp_path / "models"), "SAVE_DIR": str(tmp_path / "run"), "PYTHONWARNINGS": "ignore::FutureWarning"}
+    # Nothing downloaded: the policy is named first. With the policy there, the first missing RM.
+    for extra, missing in (({}, "Meta-Llama-3-8B-Instruct"), ({"POLICY": tiny["POLICY"]}, "zephyr-7b-alpha")):
+        done = run(["bash", str(RECIPES[0]), "--laser.check_only"], {**env, **extra}, timeout=180)
+        assert done.returncode == 2
+        usage, error = done.stderr.strip().splitlines()  # the usage line and one error, no 180-line usage block
+        assert usage.startswith("usage: python -m laser_rl.cli.train_ppo_ray")
+        assert missing in error and "does not exist" in error
+        assert "ray" not in done.stdout.lower()
 
 
 def test_deepspeed_launch_runs_the_recipe_once(tmp_path):

@@ -1,9 +1,9 @@
 """`python -m laser_rl.cli.train_ppo_ray`: OpenRLHF's train_ppo_ray, LASeR picking one RM per prompt.
 
 Every flag of `python -m openrlhf.cli.train_ppo_ray` works unchanged (read from the installed
-OpenRLHF, see laser_rl.openrlhf_integration.openrlhf_parser); the --laser.* flags configure the
-selector. Every check (flag values, reward-model specs, remote RMs reachable, OpenRLHF's own checks)
-runs before Ray starts or a GPU is touched.
+OpenRLHF, see laser_rl.integrations.openrlhf.launch.openrlhf_parser); the --laser.* flags configure the
+selector. Every check (flag values, the policy and reward-model paths, remote RMs reachable, OpenRLHF's
+own checks) runs before Ray starts or a GPU is touched. Which function each flag reaches: docs/openrlhf.md.
 
     python -m laser_rl.cli.train_ppo_ray --actor.model_name_or_path /models/policy \\
         --laser.reward_models /models/rm-a implicit:/models/chat-dpo my_rules:exact_match http://rm:5000/get_reward \\
@@ -13,37 +13,39 @@ runs before Ray starts or a GPU is touched.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from types import SimpleNamespace
 
 from laser_rl.arms import RuleArm
 from laser_rl.bandits import BANDITS
-from laser_rl.feedback import FEEDBACK_SIGNALS
-from laser_rl.openrlhf_integration import (
+from laser_rl.integrations.openrlhf.launch import hierarchize, openrlhf_check_args, openrlhf_parser
+from laser_rl.integrations.openrlhf.rollout import (
     FEEDBACKS,
+    check_policy_path,
     check_reward_specs,
-    hierarchize,
     is_contextual,
-    make_selector,
     needs_reference,
-    openrlhf_check_args,
-    openrlhf_parser,
     spec_kind,
     spec_name,
 )
-from laser_rl.selector import BASELINES
+from laser_rl.selector import BASELINES, selector_from_flags
 
 PROG = "python -m laser_rl.cli.train_ppo_ray"
+# OpenRLHF's ~300 flags make argparse's generated usage ~180 lines, printed before every error: one line instead.
+USAGE = f"{PROG} [OpenRLHF train_ppo_ray flags] --laser.reward_models SPEC [SPEC ...] [--laser.* flags] (see --help)"
 
 
 def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
-    """argparse type: an int/float within bounds, with a message that says which bound."""
+    """argparse type: a finite int/float within bounds, with a message that says which bound."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value):  # nan passes every comparison below; inf is no setting either
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if low is not None and (value < low or (low_open and value == low)):
             raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
         if high is not None and value > high:
@@ -62,7 +64,7 @@ def add_laser_arguments(parser: argparse.ArgumentParser) -> None:
         "(OpenRLHF serve_rm protocol) or noise[:sigma]. Local models share one Ray actor group.",
     )
     g.add_argument(
-        "--laser.reward_weights", nargs="+", type=float, metavar="W", default=None,
+        "--laser.reward_weights", nargs="+", type=_number(float), metavar="W", default=None,
         help="one multiplier per reward model, applied to its scores (default: 1 each)",
     )
     g.add_argument("--laser.bandit", choices=sorted(BANDITS), default="linucb", help="selection policy (default linucb)")
@@ -72,7 +74,11 @@ def add_laser_arguments(parser: argparse.ArgumentParser) -> None:
         "mean / wco (worst-case) / uwo (uncertainty-weighted) ensembles, which score every sample with all K RMs",
     )
     g.add_argument("--laser.single_arm", type=_number(int, 0), default=0, metavar="K", help="the RM (index) for --laser.baseline single")
-    g.add_argument("--laser.alpha", type=_number(float, 0), default=0.1, metavar="ALPHA", help="LinUCB exploration weight (paper 0.1)")
+    g.add_argument(
+        "--laser.alpha", type=_number(float, 0), default=None, metavar="ALPHA",
+        help="exploration knob of the chosen bandit: LinUCB alpha (paper 0.1), Thompson v, epsilon-greedy epsilon, "
+        "Exp3 gamma, UCB1 c (default: the bandit's own)",
+    )
     g.add_argument(
         "--laser.lambda", dest="laser.lam", type=_number(float, 0, low_open=True), default=1.0, metavar="LAMBDA",
         help="ridge regularizer of the linear bandits (paper 1.0)",
@@ -82,10 +88,12 @@ def add_laser_arguments(parser: argparse.ArgumentParser) -> None:
         help="per-step decay of bandit statistics, < 1 tracks RMs whose usefulness drifts (default 1: none)",
     )
     g.add_argument(
-        "--laser.feedback", choices=sorted(FEEDBACK_SIGNALS), default="pair_loss",
+        "--laser.feedback", choices=FEEDBACKS, default="pair_loss",
         help="bandit reward: pair_loss (paper: -(DPO + NLL) on the chosen RM's best vs worst sample, from the "
-        "log-probs OpenRLHF already computed), spread (within-prompt score spread) or verifier (agreement with "
-        "the --reward.remote_url verifier's scores)",
+        "log-probs OpenRLHF already computed), spread (within-prompt score spread), verifier (agreement with "
+        "the --reward.remote_url verifier's scores) or consensus (label-free: on an audited fraction of prompts "
+        "every RM scores the samples; agreement with their reliability-weighted consensus). Not available here: "
+        "progress (needs a forward pass after the update), majority (needs an answer extractor)",
     )
     g.add_argument("--laser.beta", type=_number(float, 0, low_open=True), default=0.1, metavar="BETA", help="DPO beta of pair_loss")
     g.add_argument(
@@ -114,7 +122,7 @@ def add_laser_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """OpenRLHF's train_ppo_ray parser plus the --laser.* flags."""
     parser = openrlhf_parser()
-    parser.prog = PROG
+    parser.prog, parser.usage = PROG, USAGE
     parser.description = __doc__.split("\n\n")[0]
     add_laser_arguments(parser)
     return parser
@@ -134,11 +142,6 @@ def check_args(parser: argparse.ArgumentParser, args: SimpleNamespace) -> list[s
         )
     if not args.actor.model_name_or_path:
         parser.error("--actor.model_name_or_path is required")
-    if laser.feedback not in FEEDBACKS:
-        parser.error(
-            f"--laser.feedback {laser.feedback} needs each prompt's loss after the policy update, an extra forward "
-            f"pass OpenRLHF does not make; use one of {', '.join(FEEDBACKS)}"
-        )
     if laser.feedback == "verifier" and not (args.reward.remote_url or args.train.agent_func_path):
         parser.error(
             "--laser.feedback verifier needs a verifier score per sample: pass --reward.remote_url "
@@ -178,10 +181,11 @@ def check_args(parser: argparse.ArgumentParser, args: SimpleNamespace) -> list[s
         if (args.ref.num_nodes, args.ref.num_gpus_per_node) != (args.actor.num_nodes, args.actor.num_gpus_per_node):
             parser.error("colocated actor and reference need the same --ref.num_nodes / --ref.num_gpus_per_node as the actor")
     try:
+        check_policy_path(args.actor.model_name_or_path)
         notes = check_reward_specs(specs, laser.reward_weights, args.actor.model_name_or_path)
         # Selector options (arm counts, bandit parameters) are checked on stand-in arms: nothing loads.
         stand_ins = [RuleArm(lambda p, r, l: [0.0] * len(p), name=spec_name(s)) for s in specs]
-        make_selector(laser, stand_ins, 8 if is_contextual(laser) else None)
+        selector_from_flags(stand_ins, laser, context_dim=8 if is_contextual(laser) else None)
     except ValueError as e:
         parser.error(str(e))
     if needs_reference(laser) and args.algo.kl.init_coef <= 0:
@@ -200,7 +204,8 @@ def parse_args(argv: list[str] | None = None) -> SimpleNamespace:
 def describe(args: SimpleNamespace) -> str:
     laser = args.laser
     kinds = ", ".join(f"{spec_name(s) if spec_kind(s) == 'model' else s} ({spec_kind(s)})" for s in laser.reward_models)
-    policy = f"baseline {laser.baseline}" if laser.baseline else f"{laser.bandit} (alpha {laser.alpha}, lambda {laser.lam})"
+    alpha = "the bandit's default" if laser.alpha is None else laser.alpha
+    policy = f"baseline {laser.baseline}" if laser.baseline else f"{laser.bandit} (alpha {alpha}, lambda {laser.lam})"
     return (
         f"[laser] {len(laser.reward_models)} reward models: {kinds}\n"
         f"[laser] {policy}, per {laser.granularity}, feedback {laser.feedback}, context {laser.context}, "
@@ -209,11 +214,14 @@ def describe(args: SimpleNamespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except ImportError as e:  # OpenRLHF itself is missing: its flags cannot even be listed
+        sys.exit(f"{PROG}: error: {e}")
     print(describe(args), flush=True)
     if args.laser.check_only:
         return 0
-    from laser_rl.openrlhf_integration import train
+    from laser_rl.integrations.openrlhf.launch import train
 
     train(args)
     return 0

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from laser_rl.demo.assets import MissingAssetError
-from laser_rl.openrlhf_integration import ensure_openrlhf_importable
+from laser_rl.integrations.openrlhf.compat import ensure_openrlhf_importable
 
 try:
     ensure_openrlhf_importable()

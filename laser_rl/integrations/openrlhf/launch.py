@@ -1,86 +1,54 @@
-"""Everything OpenRLHF-specific in laser-rl lives here; the core (laser_rl.*) never imports OpenRLHF.
+"""The OpenRLHF launch: its command line read from source, Ray actor groups, its subclasses, train().
 
-LASeR inside OpenRLHF's PPO / GRPO loop (openrlhf 0.11.x), one training step:
+    openrlhf_parser / openrlhf_check_args   OpenRLHF's own flags and checks, read from the installed source
+    run_sharded, GroupArm                   work spread over a RayActorGroup (reward models, prompt states)
+    build_laser_rollout                     flags + actor groups -> a rollout.LaserRollout
+    LaserExperienceMaker, LaserPPOTrainer,  OpenRLHF subclasses, built on first access (importing
+    Laser{Policy,Reference,Reward}ModelActor  openrlhf.trainer imports vLLM), see `__getattr__` at the end
+    train                                   openrlhf.cli.train_ppo_ray.train with LASeR's actors
 
-    SamplesGenerator (vLLM, unchanged)  ->  rollout_samples, n consecutive samples per prompt
-    LaserExperienceMaker.make_experience_batch
-      1. contexts   LaserPolicyModelActor.laser_prompt_states: last-token hidden state of each prompt
-                    (or the reference actor's, --laser.context reference), through a ContextEncoder
-      2. arms       selector.select: one reward model per prompt
-      3. rewards    selector.score: each prompt's n samples scored by its arm only; local RMs all live
-                    in ONE LaserRewardModelActor group (GroupArm), URLs and module:function run here.
-                    They land in samples.rewards, so RemoteExperienceMaker.make_experience skips its
-                    own reward model (`use_reward_model = samples_list[0].rewards is None`).
-      4. RemoteExperienceMaker.make_experience: actor / reference / critic forwards, unchanged
-      5. feedback   from action_log_probs, base_action_log_probs or info["logprobs_diff"] and
-                    action_mask, which step 4 already computed: no extra forward pass
-      6. RemoteExperienceMaker.compute_advantages_and_returns: group_norm, gae, ... unchanged
-    LaserPPOTrainer: selector state in the checkpoint's client_states (restored by --ckpt.load_enable),
-    laser/* metrics to OpenRLHF's TensorBoard and wandb loggers.
-
-Importing this module needs neither OpenRLHF nor vLLM: the classes that subclass OpenRLHF's
-(importing openrlhf.trainer pulls in vllm) are built on first access, see `__getattr__` at the end.
+Importing this module needs neither OpenRLHF nor vLLM nor Ray.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import builtins
+import functools
 import importlib.util
-import inspect
 import math
 import os
-import sys
 import types
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from laser_rl.arms import (
-    ImplicitRewardArm,
-    RemoteArm,
-    RewardArm,
-    SequenceClassifierArm,
-    make_arm,
+from laser_rl.arms import ImplicitRewardArm, RewardArm, SequenceClassifierArm, make_arm
+from laser_rl.context import ContextEncoder
+from laser_rl.integrations.openrlhf.compat import ensure_openrlhf_importable
+from laser_rl.integrations.openrlhf.rollout import (
+    LaserRollout,
+    WeightedArm,
+    is_contextual,
+    needs_reference,
+    pooled_prompt_states,
+    spec_kind,
+    spec_name,
 )
-from laser_rl.bandits import BANDITS, LinearBandit
-from laser_rl.context import ContextEncoder, pool_hidden_states
-from laser_rl.selector import RewardSelector
+from laser_rl.selector import selector_from_flags
 
 # Key of the selector state inside OpenRLHF's checkpoint client_states (beside "global_step", ...).
 CHECKPOINT_KEY = "laser_selector"
-# Feedback signals the integration can feed from tensors OpenRLHF already holds.
-FEEDBACKS = ("pair_loss", "spread", "verifier")
 # Run in every Ray worker before it unpickles an actor class: a worker imports OpenRLHF (flash_attn)
 # before any of our code runs, so the CPU shim must be in place first (a no-op on GPU machines).
-WORKER_SETUP_HOOK = "laser_rl.openrlhf_integration.ensure_openrlhf_importable"
-
-
-def ensure_openrlhf_importable() -> None:
-    """Let `import openrlhf.models` work on a machine without CUDA.
-
-    OpenRLHF imports flash_attn for its pure-PyTorch padding helpers (flash_attn.bert_padding), but
-    flash_attn/__init__ loads the compiled CUDA extension `flash_attn_2_cuda`, which cannot be built
-    without a GPU toolchain. Where that extension is missing (flash-attn installed as a Python-only
-    wheel, see scripts/install_cpu.sh) an empty module stands in for it; calling a flash-attention
-    kernel would still fail loudly. Where the real extension exists, nothing changes.
-
-    Without CUDA, flash_attn's Triton cross-entropy (which OpenRLHF's log_probs_from_logits tries
-    first, falling back to PyTorch only on ImportError) cannot run, so it is made unimportable there.
-    """
-    if not torch.cuda.is_available():
-        sys.modules.setdefault("flash_attn.ops.triton.cross_entropy", None)  # None: import raises ImportError
-    if "flash_attn_2_cuda" in sys.modules or importlib.util.find_spec("flash_attn_2_cuda") is not None:
-        return
-    if importlib.util.find_spec("flash_attn") is None:
-        raise ImportError(
-            "OpenRLHF needs flash-attn. On a GPU machine: pip install flash-attn; on a CPU-only machine: "
-            "FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE "
-            "pip install --no-build-isolation flash-attn==2.8.3 (or run scripts/install_cpu.sh)"
-        )
-    sys.modules["flash_attn_2_cuda"] = types.ModuleType("flash_attn_2_cuda")
+WORKER_SETUP_HOOK = "laser_rl.integrations.openrlhf.compat.ensure_openrlhf_importable"
+OPENRLHF_MISSING = (
+    "OpenRLHF is not installed: pip install \".[openrlhf]\" from the laser-rl checkout on a GPU machine "
+    "(or bash scripts/install_cpu.sh on a CPU-only one)"
+)
+SUPPORTED = "laser-rl supports openrlhf 0.11.x"
 
 
 # =================================================================================================
@@ -92,25 +60,60 @@ def ensure_openrlhf_importable() -> None:
 # every OpenRLHF flag and every OpenRLHF check, for the installed version, without starting anything.
 
 
+@functools.cache
+def openrlhf_source(module: str = "openrlhf.cli.train_ppo_ray") -> tuple[str, ast.Module]:
+    """(path, parsed tree) of an installed OpenRLHF module, parsed once per process.
+
+    ImportError (OPENRLHF_MISSING: the package and the install command) when OpenRLHF is absent.
+    """
+    try:
+        spec = importlib.util.find_spec(module)
+    except ModuleNotFoundError:  # a parent package is missing
+        spec = None
+    if spec is None or spec.origin is None:
+        raise ImportError(OPENRLHF_MISSING)
+    path = spec.origin
+    return path, ast.parse(Path(path).read_text(), path)
+
+
+@functools.cache
 def _openrlhf_main_block() -> tuple[list[ast.stmt], list[ast.stmt], str]:
     """(statements that build `parser`, statements that check `args` after hierarchize, file path)."""
-    spec = importlib.util.find_spec("openrlhf.cli.train_ppo_ray")
-    if spec is None or spec.origin is None:
-        raise ImportError('openrlhf is not installed: pip install "laser-rl[openrlhf]" (or scripts/install_cpu.sh)')
-    path = spec.origin
-    tree = ast.parse(Path(path).read_text(), path)
+    path, tree = openrlhf_source()
     main = next((n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)), None)
-    body = main.body if main is not None else []
-    code = [ast.unparse(stmt) for stmt in body]
-    try:
-        parse_at = code.index("args = parser.parse_args()")
-        hier_at = code.index("args = hierarchize(args)")
-        train_at = code.index("train(args)")
-    except ValueError:
-        raise RuntimeError(
-            f"cannot find OpenRLHF's argument parser in {path}; laser-rl supports openrlhf 0.11.x"
-        ) from None
-    return body[:parse_at], body[hier_at + 1 : train_at], path
+    if main is None:
+        raise RuntimeError(f"no `if __name__ == \"__main__\":` block in OpenRLHF's {path}; {SUPPORTED}")
+    code = [ast.unparse(stmt) for stmt in main.body]
+    markers = ("args = parser.parse_args()", "args = hierarchize(args)", "train(args)")
+    missing = [m for m in markers if m not in code]
+    if missing:
+        raise RuntimeError(f"cannot find {missing} in the __main__ block of OpenRLHF's {path}; {SUPPORTED}")
+    parse_at, hier_at, train_at = (code.index(m) for m in markers)
+    return main.body[:parse_at], main.body[hier_at + 1 : train_at], path
+
+
+def _free_names(statements: list[ast.stmt]) -> set[str]:
+    """Names the statements read but neither define nor get from builtins."""
+    defined, loaded = set(dir(builtins)), set()
+    for node in (n for s in statements for n in ast.walk(s)):
+        if isinstance(node, ast.Name):
+            (loaded if isinstance(node.ctx, ast.Load) else defined).add(node.id)
+        elif isinstance(node, ast.arg):
+            defined.add(node.arg)
+        elif isinstance(node, ast.alias):
+            defined.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+    return loaded - defined
+
+
+def _run_block(statements: list[ast.stmt], path: str, namespace: dict, what: str) -> dict:
+    """exec OpenRLHF's statements in `namespace`; a name they read that is not there is an error naming it."""
+    missing = sorted(_free_names(statements) - set(namespace))
+    if missing:
+        raise RuntimeError(f"OpenRLHF's {what} in {path} reads {missing}, which laser-rl does not provide; {SUPPORTED}")
+    exec(compile(ast.Module(body=statements, type_ignores=[]), path, "exec"), namespace)
+    return namespace
 
 
 def openrlhf_parser() -> argparse.ArgumentParser:
@@ -119,15 +122,13 @@ def openrlhf_parser() -> argparse.ArgumentParser:
 
     build, _, path = _openrlhf_main_block()
     namespace = {"argparse": argparse, "datetime": datetime, "os": os}
-    exec(compile(ast.Module(body=build, type_ignores=[]), path, "exec"), namespace)
-    return namespace["parser"]
+    return _run_block(build, path, namespace, "argument parser")["parser"]
 
 
 def openrlhf_check_args(args: types.SimpleNamespace) -> None:
     """Run OpenRLHF's own checks and derived defaults on hierarchized args (raises AssertionError)."""
     _, checks, path = _openrlhf_main_block()
-    namespace = {"args": args}
-    exec(compile(ast.Module(body=checks, type_ignores=[]), path, "exec"), namespace)
+    _run_block(checks, path, {"args": args}, "argument checks")
 
 
 def hierarchize(args: argparse.Namespace) -> types.SimpleNamespace:
@@ -138,95 +139,8 @@ def hierarchize(args: argparse.Namespace) -> types.SimpleNamespace:
 
 
 # =================================================================================================
-# Reward-model specs: checked before any GPU or Ray allocation
+# Local reward models in the reward actor group
 # =================================================================================================
-
-
-def spec_kind(spec: str) -> str:
-    """'model' (a local directory, loaded in the reward actor group), 'remote', 'noise' or 'function'."""
-    if spec.startswith(("http://", "https://")):
-        return "remote"
-    if spec == "noise" or spec.startswith("noise:"):
-        return "noise"
-    if spec.startswith("implicit:") or os.path.isdir(spec):
-        return "model"
-    return "function"  # module:function, or an error make_arm explains
-
-
-def spec_name(spec: str) -> str:
-    """The arm name make_arm gives a local model: the directory's basename."""
-    return os.path.basename(os.path.normpath(spec.removeprefix("implicit:")))
-
-
-def check_reward_specs(
-    specs: Sequence[str],
-    weights: Sequence[float] | None = None,
-    policy_path: str | None = None,
-    remote_timeout: float = 5.0,
-) -> list[str]:
-    """Check every reward-model spec without loading a model; return notes worth printing.
-
-    Raises ValueError naming the spec: an empty list, a weight list of the wrong length, a model
-    directory that does not exist or holds no config/tokenizer, a module:function that does not
-    import, a remote RM that does not answer a TCP connect. An RM whose tokenizer differs from the
-    policy's is fine (samples reach every RM as text and are re-tokenized by it): that is a note.
-    """
-    from transformers import AutoConfig, AutoTokenizer
-
-    if not specs:
-        raise ValueError("--laser.reward_models is empty: give at least one reward-model spec")
-    if weights is not None and len(weights) != len(specs):
-        raise ValueError(
-            f"--laser.reward_weights has {len(weights)} values for {len(specs)} reward models {list(specs)}: "
-            "give one weight per reward model, or none"
-        )
-    notes, policy_vocab = [], None
-    if policy_path and os.path.isdir(policy_path):
-        try:
-            policy_vocab = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=True).get_vocab()
-        except (OSError, ValueError):
-            policy_vocab = None  # OpenRLHF reports an unusable policy itself
-    for spec in specs:
-        kind = spec_kind(spec)
-        if kind == "model":
-            path = spec.removeprefix("implicit:")
-            if not os.path.isdir(path):
-                raise ValueError(
-                    f"reward model {spec!r}: directory {path!r} does not exist "
-                    "(hub ids are not downloaded: pass a local model directory)"
-                )
-            try:
-                AutoConfig.from_pretrained(path, trust_remote_code=True)
-                vocab = AutoTokenizer.from_pretrained(path, trust_remote_code=True).get_vocab()
-            except (OSError, ValueError) as e:
-                raise ValueError(f"reward model {spec!r}: {path!r} is not a model directory with a tokenizer: {e}") from e
-            if policy_vocab is not None and vocab != policy_vocab:
-                notes.append(
-                    f"reward model {spec_name(spec)!r} has its own tokenizer: responses are decoded to text and "
-                    "re-tokenized for it"
-                )
-        elif kind == "remote":
-            RemoteArm(spec, timeout=remote_timeout).check()
-        elif kind == "function" and ("/" in spec or spec.startswith((".", "~"))):
-            raise ValueError(f"reward model path {spec!r} does not exist (hub ids are not downloaded: pass a local directory)")
-        else:
-            make_arm(spec)  # imports module:function / parses noise:<sigma>; its errors name the spec
-    return notes
-
-
-class WeightedArm(RewardArm):
-    """An arm whose scores are multiplied by a fixed weight (--laser.reward_weights).
-
-    Puts RMs on comparable scales for estimators without group normalization (PPO's gae) and weights
-    the mean ensemble baseline; a negative weight flips an RM. Ranking-based feedback is unaffected.
-    """
-
-    def __init__(self, arm: RewardArm, weight: float):
-        self.arm, self.weight = arm, float(weight)
-        self.name, self.passes_per_sample = arm.name, arm.passes_per_sample
-
-    def _score(self, prompts, responses, labels):
-        return self.arm.score(prompts, responses, labels) * self.weight
 
 
 def load_model_arm(spec: str, strategy=None) -> RewardArm:
@@ -319,239 +233,8 @@ class GroupArm(RewardArm):
 
 
 # =================================================================================================
-# Contexts and texts from OpenRLHF's samples
+# The LaserRollout for a launch
 # =================================================================================================
-
-
-def prompt_token_ids(sample) -> Tensor:
-    """The prompt tokens of a one-sample Experience: the tokens vLLM was given, no re-tokenization.
-
-    action_mask[j] marks sequences[j + 1], so the first response token sits at first_action + 1.
-    """
-    seq, actions, attention = sample.sequences[0], sample.action_mask[0], sample.attention_mask[0].bool()
-    first = actions.nonzero()
-    end = int(first[0]) + 1 if len(first) else int(attention.sum())
-    return seq[:end][attention[:end]].cpu()
-
-
-def response_token_ids(sample) -> Tensor:
-    return sample.sequences[0, 1:][sample.action_mask[0].bool()].cpu()
-
-
-@torch.no_grad()
-def pooled_prompt_states(model, prompt_ids: Sequence[Tensor], batch_size: int = 8) -> Tensor:
-    """Last-layer hidden state at each prompt's last token: float32 [len(prompt_ids), hidden] on CPU.
-
-    model: the HF causal LM (unwrapped from DeepSpeed; its ZeRO-3 hooks still gather shards).
-    Left padding with position ids from the mask, so a prompt gets the same state alone or batched.
-    """
-    device = torch.cuda.current_device() if torch.cuda.is_available() else next(model.parameters()).device
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft (LoRA) wrapper
-    # Only the hidden states are needed: skip the [B, T, vocab] logits where the model allows it.
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
-    was_training = model.training
-    model.eval()
-    try:
-        pooled = []
-        for start in range(0, len(prompt_ids), batch_size):
-            chunk = [torch.as_tensor(x).long().reshape(-1) for x in prompt_ids[start : start + batch_size]]
-            width = max(len(x) for x in chunk)
-            ids = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, x in enumerate(chunk):
-                ids[row, width - len(x) :] = x
-                mask[row, width - len(x) :] = 1
-            position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-            out = model(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=position_ids.to(device),
-                output_hidden_states=True,
-                use_cache=False,
-                **extra,
-            )
-            pooled.append(pool_hidden_states(out.hidden_states[-1], mask.to(device), "last").cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(pooled)
-
-
-def chat_affixes(tokenizer) -> tuple[str, str] | None:
-    """(prefix, suffix) the policy's chat template wraps around one user message, or None.
-
-    With --data.apply_chat_template OpenRLHF hands out the templated prompt; an RM with its own chat
-    template should see the user's text, not the policy's template inside its own.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    marker = "\x00laser-rl-user-message\x00"
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True)
-    except Exception:  # templates may reject a lone user turn; then prompts stay as they are
-        return None
-    if text.count(marker) != 1:
-        return None
-    prefix, suffix = text.split(marker)
-    return prefix, suffix
-
-
-def is_contextual(laser) -> bool:
-    """Whether the selector reads contexts at all (only the linear bandits do; baselines never)."""
-    return laser.baseline is None and issubclass(BANDITS[laser.bandit], LinearBandit)
-
-
-def needs_reference(laser) -> bool:
-    """pair_loss needs the reference log-probs, --laser.context reference the reference model itself."""
-    return laser.feedback == "pair_loss" or (laser.context == "reference" and is_contextual(laser))
-
-
-def make_selector(laser, arms: Sequence, context_dim: int | None) -> RewardSelector:
-    """The RewardSelector a set of --laser.* flags describes (laser: the hierarchized `args.laser`)."""
-    return RewardSelector(
-        arms,
-        context_dim=context_dim,
-        bandit=laser.bandit,
-        baseline=laser.baseline,
-        alpha=laser.alpha,
-        lam=laser.lam,
-        discount=laser.discount,
-        feedback=laser.feedback,
-        feedback_kwargs={"beta": laser.beta} if laser.feedback == "pair_loss" else None,
-        granularity=laser.granularity,
-        single_arm=laser.single_arm,
-        normalize_scores=laser.normalize_scores,
-        seed=laser.seed,
-    )
-
-
-# =================================================================================================
-# The trainer-side LASeR step
-# =================================================================================================
-
-
-class LaserRollout:
-    """Contexts -> arms -> rewards before OpenRLHF's forwards, feedback after them; lives in the trainer.
-
-    n consecutive rollout samples belong to one prompt (OpenRLHF's compute_advantages_and_returns
-    groups them the same way); all n are scored by that prompt's arm, so group_norm compares like with like.
-    """
-
-    def __init__(
-        self,
-        selector: RewardSelector,
-        tokenizer,
-        n_samples_per_prompt: int,
-        encoder: ContextEncoder | None = None,
-        context_group=None,
-        has_reference: bool = True,
-        sync: bool = False,
-        prompt_domains: dict[str, str] | None = None,
-    ):
-        if (encoder is None) != (context_group is None):
-            raise ValueError("a contextual selector needs both a ContextEncoder and an actor group to read contexts from")
-        if selector.feedback_name == "pair_loss" and not has_reference:
-            raise ValueError(
-                "--laser.feedback pair_loss needs the reference model's log-probs: create the reference group "
-                "(laser_rl's train() does so even with --algo.kl.init_coef 0) or use --laser.feedback spread / verifier"
-            )
-        if selector.feedback_name not in FEEDBACKS:
-            raise ValueError(f"--laser.feedback {selector.feedback_name} is not available with OpenRLHF; use one of {FEEDBACKS}")
-        self.selector, self.tokenizer, self.n = selector, tokenizer, int(n_samples_per_prompt)
-        self.encoder, self.context_group, self.sync = encoder, context_group, sync
-        self.prompt_domains = prompt_domains
-        self.affixes = chat_affixes(tokenizer)
-        self.last_arms: Tensor | None = None  # the latest step's arm per prompt, for inspection
-        self._step: dict | None = None
-
-    # ----- before OpenRLHF's forwards ---------------------------------------------------------
-    def contexts(self, first_samples: Sequence) -> Tensor:
-        """[P, d] bandit contexts, one per prompt; [P, 1] zeros for selectors that ignore them."""
-        if self.context_group is None:
-            return torch.zeros(len(first_samples), 1)
-        ids = [prompt_token_ids(s) for s in first_samples]
-        states = _concat(run_sharded(self.context_group, "laser_prompt_states", self.sync, prompt_ids=ids), len(ids))
-        return self.encoder(states)
-
-    def user_text(self, prompt: str) -> str:
-        if self.affixes is not None:
-            prefix, suffix = self.affixes
-            if prompt.startswith(prefix) and prompt.endswith(suffix) and len(prompt) >= len(prefix) + len(suffix):
-                return prompt[len(prefix) : len(prompt) - len(suffix)]
-        return prompt
-
-    def assign_rewards(self, rollout_samples: Sequence) -> Tensor:
-        """Pick an arm per prompt, score each prompt's samples with it, write samples.rewards; returns arms [P]."""
-        n, total = self.n, len(rollout_samples)
-        if total == 0 or total % n:
-            raise ValueError(f"got {total} rollout samples, not a multiple of --rollout.n_samples_per_prompt {n}")
-        prompts = [s.prompts[0] for s in rollout_samples]
-        for p in range(0, total, n):
-            if len(set(prompts[p : p + n])) != 1:
-                raise RuntimeError(f"rollout samples {p}..{p + n - 1} are not one prompt's group; LASeR needs them grouped")
-        firsts = rollout_samples[::n]
-        contexts = self.contexts(firsts)
-        domains = None
-        if self.prompt_domains:
-            domains = [self.prompt_domains.get(s.prompts[0], "unknown") for s in firsts]
-        arms = self.selector.select(contexts, domains)
-        responses = self.tokenizer.batch_decode([response_token_ids(s) for s in rollout_samples], skip_special_tokens=True)
-        labels = [s.labels[0] if s.labels else None for s in rollout_samples]
-        texts = [self.user_text(p) for p in prompts]
-        rewards = self.selector.score(texts, responses, arms.repeat_interleave(n), labels)
-        for sample, reward in zip(rollout_samples, rewards):
-            sample.rewards = reward.reshape(1).clone()
-            sample.info["reward"] = reward.reshape(1).clone()
-        correct = None
-        if all(s.scores is not None for s in rollout_samples):  # a verifier's scores (--reward.remote_url)
-            correct = torch.cat([s.scores.reshape(1).float() for s in rollout_samples]).view(-1, n) > 0.5
-        self._step = {"contexts": contexts, "arms": arms, "scores": rewards.view(-1, n), "correct": correct}
-        self.last_arms = arms
-        return arms
-
-    # ----- after OpenRLHF's forwards ----------------------------------------------------------
-    def feedback(self, experiences: Sequence) -> Tensor:
-        """Update the bandit from this step's experiences; returns the normalized bandit rewards [P]."""
-        step, self._step = self._step, None
-        if step is None:
-            raise RuntimeError("LaserRollout.feedback called without assign_rewards for this step")
-        P, n = step["scores"].shape
-        policy, ref, lengths = (torch.full((P * n,), math.nan) for _ in range(3))
-        for e in experiences:
-            index = torch.as_tensor(e.index, dtype=torch.long)  # rollout positions, set by split_rollout_samples
-            mask = e.action_mask.float()
-            length = mask.sum(-1)
-            logp = (e.action_log_probs.float() * mask).sum(-1)
-            if e.base_action_log_probs is not None:  # kept when --algo.kl.use_loss
-                ref_logp = (e.base_action_log_probs.float() * mask).sum(-1)
-            else:  # info["logprobs_diff"] is the masked mean of log pi - log pi_ref; times the length, its sum
-                ref_logp = logp - e.info["logprobs_diff"].float() * length
-            policy[index], ref[index], lengths[index] = logp, ref_logp, length
-        name = self.selector.feedback_name
-        if name == "pair_loss":
-            # An empty response holds no tokens; count it as one so its NLL (0 / 1) stays finite.
-            inputs = dict(
-                scores=step["scores"], policy_logps=policy.view(P, n), ref_logps=ref.view(P, n),
-                response_lengths=lengths.view(P, n).clamp(min=1),
-            )
-        elif name == "verifier":
-            if step["correct"] is None:
-                raise ValueError("--laser.feedback verifier needs a verifier score per sample: pass --reward.remote_url")
-            inputs = dict(scores=step["scores"], correct=step["correct"])
-        else:
-            inputs = dict(scores=step["scores"])
-        return self.selector.feedback(step["contexts"], step["arms"], **inputs)
-
-    # ----- checkpoint -------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {
-            "selector": self.selector.state_dict(),
-            "context_encoder": None if self.encoder is None else self.encoder.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.selector.load_state_dict(state["selector"])
-        if self.encoder is not None and state.get("context_encoder") is not None:
-            self.encoder.load_state_dict(state["context_encoder"])
 
 
 def policy_hidden_size(pretrain: str) -> int:
@@ -567,19 +250,19 @@ def build_laser_rollout(
     """The LaserRollout for hierarchized OpenRLHF args with a `laser` namespace (see the CLI)."""
     laser = args.laser
     sync = bool(args.train.colocate_all)
-    arms, local = [], 0
+    rms, local = [], 0
     for i, spec in enumerate(laser.reward_models):
         if spec_kind(spec) == "model":
             if reward_group is None:
                 raise ValueError(f"reward model {spec!r} is a local model but no reward actor group was created")
-            arm = GroupArm(reward_group, local, spec_name(spec), sync=sync)
+            rm = GroupArm(reward_group, local, spec_name(spec), sync=sync)
             local += 1
         else:
-            arm = make_arm(spec)  # URLs, rules and noise are scored right here in the trainer
+            rm = make_arm(spec)  # URLs, rules and noise are scored right here in the trainer
         if laser.reward_weights is not None and laser.reward_weights[i] != 1.0:
-            arm = WeightedArm(arm, laser.reward_weights[i])
-        arms.append(arm)
-    encoder, context_group = None, None
+            rm = WeightedArm(rm, laser.reward_weights[i])
+        rms.append(rm)
+    encoder, prompt_states = None, None
     if is_contextual(laser):
         context_group = reference_group if laser.context == "reference" else actor_group
         if context_group is None:
@@ -587,15 +270,19 @@ def build_laser_rollout(
         encoder = ContextEncoder(
             policy_hidden_size(args.actor.model_name_or_path), proj_dim=laser.context_dim or None, seed=laser.seed
         )
-    selector = make_selector(laser, arms, None if encoder is None else encoder.dim)
+
+        def prompt_states(prompt_ids: list[Tensor]) -> Tensor:  # the group's ranks share the prompts
+            return _concat(run_sharded(context_group, "laser_prompt_states", sync, prompt_ids=prompt_ids), len(prompt_ids))
+
+    # The --laser.* dests are RewardSelector's keyword names (--laser.lambda -> lam); the rest is ignored there.
+    selector = selector_from_flags(rms, laser, context_dim=None if encoder is None else encoder.dim)
     return LaserRollout(
         selector,
         tokenizer,
         args.rollout.n_samples_per_prompt,
         encoder=encoder,
-        context_group=context_group,
+        prompt_states=prompt_states,
         has_reference=reference_group is not None,
-        sync=sync,
         prompt_domains=prompt_domains,
     )
 
@@ -665,14 +352,14 @@ def _define_openrlhf_classes() -> types.SimpleNamespace:
 
         def init_model_from_pretrained(self, strategy, specs: list[str]) -> None:
             self._setup_distributed(strategy)
-            self.load_arms(specs, strategy)
+            self.load_rms(specs, strategy)
 
-        def load_arms(self, specs: list[str], strategy=None) -> None:
-            self.arms = [load_model_arm(spec, strategy) for spec in specs]
+        def load_rms(self, specs: list[str], strategy=None) -> None:
+            self.rms = [load_model_arm(spec, strategy) for spec in specs]
 
         def laser_score(self, arm: int, prompts: list[str], responses: list[str], labels: list) -> Tensor:
             labels = None if all(label is None for label in labels) else list(labels)
-            return self.arms[arm].score(list(prompts), list(responses), labels)
+            return self.rms[arm].score(list(prompts), list(responses), labels)
 
     class LaserPPOTrainer(PPOTrainer.__ray_actor_class__):
         """OpenRLHF's PPOTrainer with a LaserRollout: checkpointed with the policy, logged under laser/."""
@@ -866,7 +553,8 @@ def train(args: types.SimpleNamespace) -> None:
     )
     max_steps = ray.get(ppo_trainer.get_max_steps.remote())
 
-    refs = actor_model.async_init_model_from_pretrained(strategy, args.actor.model_name_or_path, max_steps, vllm_engines)
+    refs = []
+    refs.extend(actor_model.async_init_model_from_pretrained(strategy, args.actor.model_name_or_path, max_steps, vllm_engines))
     if ref_model is not None:
         refs.extend(ref_model.async_init_model_from_pretrained(strategy, args.actor.model_name_or_path))
     if reward_model is not None:

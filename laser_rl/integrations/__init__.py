@@ -1,0 +1,1 @@
+"""Integrations of the selector into training frameworks (each imports its framework lazily)."""

@@ -333,6 +333,16 @@ def test_short_run_writes_tensorboard_curves(short_run):
     assert "probe/arm_accuracy/logic/minilm" in probe.Tags()["scalars"]
 
 
+def test_demo_refuses_a_feedback_it_cannot_feed_before_loading_anything(monkeypatch, tmp_path):
+    from laser_rl.demo import run
+
+    monkeypatch.setattr(run, "DemoAssets", lambda *a, **k: pytest.fail("assets loaded before the check"))
+    with pytest.raises(ValueError, match="--feedback progress"):
+        run.run_demo(run.DemoConfig(feedback="progress", output_dir=str(tmp_path)), progress=False, verbose=False)
+    for ok in ("verifier", "pair_loss", "spread", "consensus", "majority"):
+        run.check_feedback(ok)
+
+
 def test_results_table_says_when_laser_does_not_win():
     from laser_rl.demo.run import MethodResult, results_table, verdict
 

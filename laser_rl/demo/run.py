@@ -334,11 +334,26 @@ def method_flags(method: str, cfg: DemoConfig, single_arm: int, feedback: str | 
     return flags
 
 
+DEMO_INPUTS = ("scores", "correct", "answers", "policy_logps", "ref_logps", "response_lengths")  # what feedback_inputs has
+
+
+def check_feedback(feedback: str) -> None:
+    """Fail before any model loads when the demo cannot feed this signal (e.g. `progress` needs two losses)."""
+    from laser_rl.arms import RuleArm
+
+    probe = selector_from_flags([RuleArm(lambda p, r, l: [0.0] * len(p), name=f"rm{k}") for k in range(2)],
+                                {"feedback": feedback}, context_dim=1)  # the selector's own list of needed inputs
+    missing = [k for k in probe.feedback_inputs if k not in DEMO_INPUTS]
+    if missing:
+        raise ValueError(f"--feedback {feedback}: the signal needs {missing}, which the demo does not compute; "
+                         f"use verifier, pair_loss, spread, consensus or majority")
+
+
 def feedback_inputs(selector: RewardSelector, batch: list[Task], rollout, scores, correct, old_logps, ref_logps) -> dict:
     """Every feedback input the demo has, grouped per prompt [P, n], narrowed to what the signal needs."""
     P, n = rollout.num_prompts, rollout.n
     mask = rollout.action_mask.float()
-    have = {
+    have = {  # keys: DEMO_INPUTS
         "scores": lambda: scores.reshape(P, n),
         "correct": lambda: correct.reshape(P, n),
         "answers": lambda: [[t.extract_answer(rollout.responses[i * n + j]) for j in range(n)] for i, t in enumerate(batch)],
@@ -585,6 +600,7 @@ def run_demo(config: DemoConfig, methods=("laser",), progress: bool = True, verb
     """
     from torch.utils.tensorboard import SummaryWriter
 
+    check_feedback(config.feedback)
     if config.threads:
         torch.set_num_threads(config.threads)
     out_dir = os.path.join(config.output_dir, run_name(config, methods))

@@ -254,21 +254,20 @@ class ImplicitRewardArm(RewardArm):
     def _response_logps(model: nn.Module, input_ids, attention_mask, response_mask) -> torch.Tensor:
         """Per-sample sum of log p(token | prefix) over the tokens marked by response_mask."""
         ids = input_ids.to(_model_device(model))
-        logits = model(input_ids=ids, attention_mask=attention_mask.to(ids.device)).logits[:, :-1].float()
-        targets = ids[:, 1:]
-        # gather - logsumexp avoids materialising a second [B, T, vocab] log_softmax tensor.
-        token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        from laser_rl.lm import token_logprobs
+
+        logits = model(input_ids=ids, attention_mask=attention_mask.to(ids.device)).logits[:, :-1]
+        token_logps = token_logprobs(logits, ids[:, 1:])
         return (token_logps.cpu() * response_mask[:, 1:]).sum(-1)
 
     @torch.no_grad()
     def _score(self, prompts, responses, labels):
+        from laser_rl.lm import chat_text
+
         tok = self.tokenizer
         if tok.chat_template:
             # Chat models judge a response in their own format: the response follows the assistant header.
-            prompts = [
-                tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in prompts
-            ]
+            prompts = [chat_text(tok, p) for p in prompts]
         special = not tok.chat_template
         scores = []
         for i in range(0, len(prompts), self.batch_size):

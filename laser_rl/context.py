@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from laser_rl.lm import prefill
+
 POOLINGS = ("last", "mean")
 
 
@@ -130,16 +132,15 @@ def prompt_hidden_states(
 ) -> Tensor:
     """Last-layer hidden states of a HF causal LM, pooled per prompt: float32 [len(prompts), H] on CPU.
 
-    Position ids are derived from the attention mask, so left padding gives the same result as right
-    padding or no padding at all (HF would otherwise count the pads as positions, which shifts models
-    with absolute position embeddings such as GPT-2; RoPE models only see relative positions).
+    The prompts are tokenized as given (no chat template; laser_rl.lm.prompt_contexts gives the policy's
+    view, as sampling encodes it). Position ids are derived from the attention mask (laser_rl.lm.prefill),
+    so left padding gives the same result as right padding or no padding at all (HF would otherwise count
+    the pads as positions, which shifts models with absolute position embeddings such as GPT-2).
     """
     if len(prompts) == 0:
         raise ValueError("prompts is empty: nothing to encode")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if device is None:
-        device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # dropout would make the same prompt give different contexts
     try:
@@ -152,19 +153,11 @@ def prompt_hidden_states(
                 truncation=True,
                 max_length=max_length,
             )
-            input_ids = batch["input_ids"].to(device)
-            mask = batch["attention_mask"].to(device)
+            mask = batch["attention_mask"]
             empty = torch.nonzero(mask.sum(dim=1) == 0).flatten()
             if len(empty) > 0:
                 raise ValueError(f"prompts {[start + int(i) for i in empty]} tokenize to no tokens")
-            position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
-            out = model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=position_ids,
-                output_hidden_states=True,
-                use_cache=False,
-            )
+            out = prefill(model, batch["input_ids"], mask, hidden=True, cache=False, logits_to_keep=None, device=device)
             pooled.append(pool_hidden_states(out.hidden_states[-1], mask, pooling).cpu())
     finally:
         model.train(was_training)

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from laser_rl import lm
 from laser_rl.demo.assets import MissingAssetError
+from laser_rl.lm import Rollout, response_logprobs  # noqa: F401  (re-exported: the demo's callers import them from here)
+from laser_rl.lm import response_mask as _response_masks  # noqa: F401
 from laser_rl.integrations.openrlhf.compat import ensure_openrlhf_importable
 
 try:
@@ -30,70 +33,6 @@ except ImportError as e:  # the demo trains with OpenRLHF's own loss functions: 
     ) from e
 
 
-def chat_prompts(tokenizer, questions: list[str]) -> list[str]:
-    """Each question as a single user turn in the model's chat template, ready for the assistant's reply."""
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-        for q in questions
-    ]
-
-
-@dataclass
-class Rollout:
-    """P prompts x n samples, flattened prompt-major (sample j of prompt i at row i * n + j)."""
-
-    prompt_ids: Tensor  # [P, Lp] left-padded chat prompts
-    prompt_mask: Tensor  # [P, Lp]
-    response_ids: Tensor  # [N, R] (pad after the end of turn)
-    action_mask: Tensor  # [N, R] response tokens up to and including the first end of turn
-    responses: list[str]
-    n: int
-    context_hidden: Tensor | None = None  # [P, H] last-layer hidden state of each prompt's last token
-
-    @property
-    def num_prompts(self) -> int:
-        return self.prompt_ids.shape[0]
-
-    @property
-    def response_lengths(self) -> Tensor:
-        return self.action_mask.sum(-1).float()
-
-    def rows(self, prompt_idx: Tensor) -> Tensor:
-        """Sample rows of the given prompts."""
-        return (prompt_idx.unsqueeze(1) * self.n + torch.arange(self.n)).reshape(-1)
-
-    def subset(self, prompt_idx: Tensor) -> Rollout:
-        rows = self.rows(prompt_idx)
-        return Rollout(
-            self.prompt_ids[prompt_idx], self.prompt_mask[prompt_idx], self.response_ids[rows], self.action_mask[rows],
-            [self.responses[i] for i in rows.tolist()], self.n,
-        )
-
-
-def encode_prompts(tokenizer, questions: list[str], chat: bool = True) -> tuple[Tensor, Tensor]:
-    """Left-padded token ids and mask [P, Lp] of the prompts (in the chat template unless chat=False)."""
-    texts = chat_prompts(tokenizer, questions) if chat else list(questions)
-    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=not chat)
-    return enc["input_ids"], enc["attention_mask"]
-
-
-def _prefill(model, prompt_ids: Tensor, prompt_mask: Tensor, hidden: bool = False):
-    """One forward over the prompts with a KV cache; position ids from the mask, so left padding is harmless."""
-    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    return model(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
-        output_hidden_states=hidden, logits_to_keep=1,
-    )
-
-
-def _response_masks(response_ids: Tensor, eos_id: int) -> Tensor:
-    """1 for response tokens up to and including the first eos (the model must learn to stop), 0 after."""
-    is_eos = (response_ids == eos_id).long()
-    after_eos = (is_eos.cumsum(-1) - is_eos) > 0  # strictly after the first eos
-    return (~after_eos).long()
-
-
-@torch.no_grad()
 def sample(
     model,
     tokenizer,
@@ -106,77 +45,10 @@ def sample(
     chat: bool = True,
     generator: torch.Generator | None = None,
 ) -> Rollout:
-    """n responses per question (greedy when do_sample=False), with the prompts' last hidden states.
-
-    Each prompt is encoded once and its KV cache repeated n times (what vLLM's prefix caching does), so a
-    group of n samples costs one prompt forward, not n. Stops when every sample has ended its turn.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, questions, chat)
-        out = _prefill(model, prompt_ids, prompt_mask, hidden=True)
-        from laser_rl.context import pool_hidden_states
-
-        context_hidden = pool_hidden_states(out.hidden_states[-1], prompt_mask, "last")
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(n)
-        logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)
-        mask = prompt_mask.repeat_interleave(n, dim=0)
-        position = mask.sum(-1, keepdim=True)  # the first response token's position
-        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-        done = torch.zeros(mask.shape[0], dtype=torch.bool)
-        tokens = []
-        for t in range(max_new_tokens):
-            if do_sample:
-                scaled = logits / temperature
-                if top_k:
-                    kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
-                    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-                token = torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(1)
-            else:
-                token = logits.argmax(-1)
-            token = torch.where(done, torch.full_like(token, pad), token)
-            tokens.append(token)
-            done |= token == eos
-            if done.all() or t == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position + t, past_key_values=cache, use_cache=True)
-            logits = out.logits[:, -1].float()
-    finally:
-        model.train(was_training)
-    response_ids = torch.stack(tokens, dim=1)
-    action_mask = _response_masks(response_ids, eos)
-    responses = tokenizer.batch_decode(
-        torch.where(action_mask.bool(), response_ids, pad), skip_special_tokens=True, clean_up_tokenization_spaces=False
+    """laser_rl.lm.sample with the demo's settings: chat template, top-k 50, short answers, all prompts at once."""
+    return lm.sample(
+        model, tokenizer, questions, n, max_new_tokens, temperature, top_k=top_k, do_sample=do_sample, chat=chat, generator=generator
     )
-    return Rollout(prompt_ids, prompt_mask, response_ids, action_mask, responses, n, context_hidden)
-
-
-def response_logprobs(model, rollout: Rollout) -> Tensor:
-    """log p(response token | prompt, earlier response tokens) [N, R]; gradients flow outside no_grad.
-
-    The prompt is encoded once per prompt and its KV cache repeated over the n samples (exact: the same
-    numbers as a forward over each full sequence, see tests/test_demo.py), then the response tokens run
-    on top. Logits are only computed at response positions.
-    """
-    n, R = rollout.n, rollout.response_ids.shape[1]
-    out = _prefill(model, rollout.prompt_ids, rollout.prompt_mask)
-    first = out.logits[:, -1].float().log_softmax(-1).repeat_interleave(n, dim=0)  # predicts response token 0
-    targets = rollout.response_ids
-    logps = [first.gather(-1, targets[:, :1])]
-    if R > 1:
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(n)
-        prompt_mask = rollout.prompt_mask.repeat_interleave(n, dim=0)
-        mask = torch.cat([prompt_mask, torch.ones_like(targets[:, : R - 1])], dim=1)
-        position_ids = prompt_mask.sum(-1, keepdim=True) + torch.arange(R - 1)
-        logits = model(
-            input_ids=targets[:, : R - 1], attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True
-        ).logits.float()
-        logps.append(logits.gather(-1, targets[:, 1:].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1))
-    return torch.cat(logps, dim=1)
 
 
 def full_sequence_logprobs(model, rollout: Rollout) -> Tensor:
@@ -185,9 +57,8 @@ def full_sequence_logprobs(model, rollout: Rollout) -> Tensor:
     ids = torch.cat([rollout.prompt_ids.repeat_interleave(n, dim=0), rollout.response_ids], dim=1)
     mask = torch.cat([rollout.prompt_mask.repeat_interleave(n, dim=0), torch.ones_like(rollout.response_ids)], dim=1)
     R = rollout.response_ids.shape[1]
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits[:, -R - 1 : -1].float()
-    return logits.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=lm.position_ids(mask), use_cache=False).logits
+    return lm.token_logprobs(logits[:, -R - 1 : -1], rollout.response_ids)
 
 
 def group_norm_advantages(rewards: Tensor, n: int) -> Tensor:

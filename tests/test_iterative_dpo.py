@@ -1,4 +1,5 @@
 import copy
+import hashlib
 import json
 import math
 
@@ -11,15 +12,12 @@ from laser_rl.cli import main
 from laser_rl.context import ContextEncoder
 from laser_rl.iterative_dpo import (
     IterativeDPOConfig,
-    Samples,
     build_preference_pairs,
     dpo_nll_loss,
-    encode_prompts,
     iterative_dpo_step,
     run_iterative_dpo,
-    sample_responses,
-    sequence_logps,
 )
+from laser_rl.lm import Rollout
 
 RECORDS = [
     {"prompt": "What is 2 + 3?", "answer": "5", "domain": "math"},
@@ -43,15 +41,10 @@ def _config(**kw):
 
 
 # ----- preference pairs --------------------------------------------------------------------------
-def _samples(tokenizer, P=3, n=4):
+def _samples(tokenizer, P=3, n=4, responses=None):
     prompts = [f"prompt {p}" for p in range(P)]
-    responses = [[f"p{p} answer {j}" for j in range(n)] for p in range(P)]
-    return Samples(
-        prompts,
-        [tokenizer(x)["input_ids"] for x in prompts],
-        [[tokenizer(r)["input_ids"] for r in rs] for rs in responses],
-        responses,
-    )
+    responses = responses or [[f"p{p} answer {j}" for j in range(n)] for p in range(P)]
+    return Rollout.from_texts(tokenizer, prompts, responses)
 
 
 def test_pairs_are_best_vs_lower_ranked_within_each_prompt(tokenizer):
@@ -64,15 +57,14 @@ def test_pairs_are_best_vs_lower_ranked_within_each_prompt(tokenizer):
     for p, group in enumerate(pairs):
         for pr in group:
             assert pr.prompt_index == p and pr.prompt == samples.prompts[p]
-            assert pr.chosen_text in samples.responses[p] and pr.rejected_text in samples.responses[p]
+            assert pr.chosen_text in samples.grouped()[p] and pr.rejected_text in samples.grouped()[p]
             assert pr.chosen_score > pr.rejected_score
     limited = build_preference_pairs(scores, samples, max_pairs_per_prompt=1)
     assert [(pr.chosen, pr.rejected) for pr in limited[0]] == [(1, 3)]
 
 
 def test_identical_responses_and_nan_scores_make_no_pair(tokenizer):
-    samples = _samples(tokenizer, P=1, n=3)
-    samples.response_ids[0][2] = samples.response_ids[0][0]  # sample 2 has the same tokens as the best
+    samples = _samples(tokenizer, P=1, n=3, responses=[["p0 answer 0", "p0 answer 1", "p0 answer 0"]])  # 2 = the best's tokens
     pairs = build_preference_pairs(torch.tensor([[1.0, 0.0, -1.0]]), samples)
     assert [(pr.chosen, pr.rejected) for pr in pairs[0]] == [(0, 1)]
     assert build_preference_pairs(torch.tensor([[math.nan, 1.0, math.nan]]))[0] == []
@@ -86,9 +78,9 @@ def test_pairs_never_mix_prompts_in_a_training_step(tokenizer, causal_lm, reward
     assert sum(len(g) for g in result.pairs) > 0
     for p, group in enumerate(result.pairs):
         for pr in group:
-            assert pr.prompt_index == p and pr.prompt == result.samples.prompts[p]
-            assert result.samples.responses[p][pr.chosen] == pr.chosen_text
-            assert result.samples.responses[p][pr.rejected] == pr.rejected_text
+            assert pr.prompt_index == p and pr.prompt == result.rollout.prompts[p]
+            assert result.rollout.grouped()[p][pr.chosen] == pr.chosen_text
+            assert result.rollout.grouped()[p][pr.rejected] == pr.rejected_text
             assert result.scores[p, pr.chosen] == result.scores[p].max()
 
 
@@ -119,18 +111,37 @@ def test_dpo_nll_loss_equals_hand_computed_value():
         dpo_nll_loss(pc, pr[:2], rc, rr, lengths, torch.tensor([0, 0, 2]), 3)
 
 
-def test_sequence_logps_are_the_same_alone_and_in_a_batch(tokenizer, causal_lm):
-    prompts = [tokenizer("What is 2 + 3?")["input_ids"], tokenizer("Hi")["input_ids"]]
-    responses = [tokenizer(" The answer is 5.")["input_ids"], tokenizer(" yes")["input_ids"]]
-    with torch.no_grad():
-        batched, lengths = sequence_logps(causal_lm, prompts, responses, tokenizer.pad_token_id)
-        alone = torch.cat([sequence_logps(causal_lm, [p], [r], tokenizer.pad_token_id)[0] for p, r in zip(prompts, responses)])
-        # By hand for the second: sum of log-softmax at each response position.
-        ids = torch.tensor([prompts[1] + responses[1]])
-        logp = causal_lm(ids).logits.log_softmax(-1)[0, :-1].gather(1, ids[0, 1:, None]).squeeze(1)
-    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
-    assert batched[1].item() == pytest.approx(logp[len(prompts[1]) - 1 :].sum().item(), abs=1e-5)
-    assert lengths.tolist() == [len(r) for r in responses]
+def test_dpo_nll_loss_equals_openrlhf_dpo_loss_per_prompt_plus_nll():
+    """OpenRLHF's DPOLoss is the reference: per prompt, its mean over the prompt's pairs plus the mean NLL."""
+    import laser_rl.integrations.openrlhf.compat as compat
+
+    try:
+        compat.ensure_openrlhf_importable()
+        from openrlhf.models.loss import DPOLoss
+    except ImportError as e:
+        pytest.skip(f"OpenRLHF (the reference) is not importable: {e}")
+    g = torch.Generator().manual_seed(0)
+    M, P = 11, 4
+    pc, pr, rc, rr = (-20 * torch.rand(M, generator=g) for _ in range(4))
+    pc.requires_grad_(True)
+    lengths = torch.randint(1, 9, (M,), generator=g).float()
+    index = torch.tensor([0, 0, 0, 1, 3, 3, 3, 3, 1, 0, 3])  # prompt 2 has no pair
+    for beta, nll_weight in ((0.1, 1.0), (0.5, 0.0), (2.0, 0.3)):
+        loss, per_prompt, per_dpo = dpo_nll_loss(pc, pr, rc, rr, lengths, index, P, beta=beta, nll_weight=nll_weight)
+        reference = DPOLoss(beta)
+        expected = []
+        for p in (0, 1, 3):
+            rows = index == p
+            dpo, _, _ = reference(pc[rows], pr[rows], rc[rows], rr[rows])
+            torch.testing.assert_close(per_dpo[p], dpo, atol=1e-6, rtol=1e-6)
+            expected.append(dpo + nll_weight * (-pc[rows] / lengths[rows]).mean())
+            torch.testing.assert_close(per_prompt[p], expected[-1], atol=1e-6, rtol=1e-6)
+        assert math.isnan(per_prompt[2].item()) and math.isnan(per_dpo[2].item())
+        torch.testing.assert_close(loss, torch.stack(expected).mean(), atol=1e-6, rtol=1e-6)
+        # The same gradient as the reference: the policy trains on this loss.
+        (grad,) = torch.autograd.grad(loss, pc)
+        (expected_grad,) = torch.autograd.grad(torch.stack(expected).mean(), pc)
+        torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
 
 
 # ----- training and bandit feedback ---------------------------------------------------------------
@@ -184,7 +195,7 @@ def test_other_feedback_signals(tokenizer, causal_lm, reward_model, feedback):
     if feedback != "verifier":  # the tiny model never answers right: no mixed pairs, so NaN is allowed there
         assert torch.isfinite(result.bandit_rewards).all()
     with pytest.raises(ValueError, match="feedback"):  # the selector must be built for the signal
-        iterative_dpo_step(policy, reference, tokenizer, RewardSelector(selector.arms, context_dim=encoder.dim), encoder, optimizer, RECORDS, _config(feedback=feedback))
+        iterative_dpo_step(policy, reference, tokenizer, RewardSelector(selector.rms, context_dim=encoder.dim), encoder, optimizer, RECORDS, _config(feedback=feedback))
 
 
 def test_run_loops_over_batches_and_validates(tokenizer, causal_lm, reward_model):
@@ -202,18 +213,30 @@ def test_run_loops_over_batches_and_validates(tokenizer, causal_lm, reward_model
         _config(feedback="reward")
 
 
-def test_sampling_and_truncation_are_reported(tokenizer, causal_lm):
+def _digest(texts) -> str:
+    return hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("feedback", ["pair_loss", "progress"])
+def test_two_steps_on_a_fixed_seed_reproduce_the_pinned_outputs(tokenizer, causal_lm, reward_model, feedback):
+    """Pinned before laser_rl.lm replaced this mode's sampler, log-probs, contexts and DPO (commit 8ce3136, HF
+    generate + OpenRLHF DPOLoss): the refactor must give the same samples, arms, pairs and losses."""
+    policy, reference, selector, encoder, optimizer = _setup(tokenizer, causal_lm, reward_model, feedback=feedback, seed=0)
     torch.manual_seed(0)
-    samples = sample_responses(causal_lm, tokenizer, ["What is 2 + 3?", "Hi"], n=3, max_new_tokens=5)
-    assert len(samples.responses) == 2 and all(len(r) == 3 for r in samples.responses)
-    assert all(1 <= len(ids) <= 5 for g in samples.response_ids for ids in g)
-    long = "The quick brown fox jumps over the lazy dog. " * 40
-    with pytest.warns(UserWarning, match="1 of 2 prompts exceeded 30 tokens"):
-        ids, kept, truncated = encode_prompts(tokenizer, [long, "short"], max_tokens=30)
-    assert truncated == 1 and len(ids[0]) <= 30 and kept[1] == "short"
-    assert kept[0].startswith("The quick") and kept[0].rstrip().endswith("dog.")  # cut in the middle
-    greedy = sample_responses(causal_lm, tokenizer, ["Hi"], n=2, max_new_tokens=4, temperature=0.0)
-    assert greedy.responses[0][0] == greedy.responses[0][1]
+    first = iterative_dpo_step(policy, reference, tokenizer, selector, encoder, optimizer, RECORDS, _config(feedback=feedback))
+    second = iterative_dpo_step(policy, reference, tokenizer, selector, encoder, optimizer, RECORDS, _config(feedback=feedback))
+    assert first.arms.tolist() == [0, 1, 1] and second.arms.tolist() == [1, 0, 0]
+    assert _digest(first.rollout.grouped()) == "a46b73f521f4e81f" and _digest(second.rollout.grouped()) == "b1a15343af8fea90"
+    assert [[(pr.chosen, pr.rejected) for pr in g] for g in first.pairs] == [[(3, 2), (3, 0), (3, 1)], [(0, 3), (0, 2), (0, 1)], [(3, 1), (3, 0), (3, 2)]]
+    assert [[(pr.chosen, pr.rejected) for pr in g] for g in second.pairs] == [[(3, 0), (3, 2), (3, 1)], [(1, 3), (1, 0), (1, 2)], [(3, 1), (3, 0), (3, 2)]]
+    assert first.loss.tolist() == pytest.approx([6.29149, 6.41456, 6.39237], abs=1e-4)
+    assert second.loss.tolist() == pytest.approx([6.39588, 6.43311, 6.38741], abs=1e-4)
+    assert second.metrics["train/dpo"] == pytest.approx(0.692302, abs=1e-5)
+    raw = selector.reward_normalizer.histories[0].tolist()
+    if feedback == "pair_loss":
+        assert raw == pytest.approx([-x for x in first.loss.tolist() + second.loss.tolist()], abs=1e-6)
+    else:
+        assert raw == pytest.approx([0.126803, 0.117640, 0.146123, 0.085208, 0.080600, 0.106919], abs=1e-5)
 
 
 # ----- CLI ------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Best-of-n selection with a bandit-chosen reward model (the paper's long-context QA mode; no training).
 
 Per prompt: the bandit picks one RM, the policy samples n responses, the RM's top-scored response is
-the answer. The bandit's reward is minus the per-token NLL of that response under the policy (the
-paper), or, where labels exist, the task metric of that response (a verifier). Every strategy
+the answer. The bandit's reward (`feedback`) is about that response: `best_nll`, minus its per-token
+NLL under the policy (the paper), or, where labels exist, `best_metric`, its task metric. The bandit's
+context is the last prompt token's hidden state from the sampling prefill (laser_rl.lm). Every strategy
 (LASeR, random RM, score ensemble, ...) answers the same n samples, so their metrics compare the
 choice of RM and nothing else; RM scores are cached per batch so shared samples are scored once.
 """
@@ -22,11 +23,13 @@ from tqdm import tqdm
 
 from laser_rl.arms import RewardArm
 from laser_rl.context import ContextEncoder
-from laser_rl.iterative_dpo import prompt_contexts, sample_responses, sequence_logps
+from laser_rl.lm import sample, sequence_logprobs
 from laser_rl.selector import RewardSelector
 
 METRICS = ("accuracy", "exact", "f1")
-BON_FEEDBACKS = ("nll", "verifier")
+# Bandit feedback in best-of-n, both about the response the chosen RM ranked best: best_nll = minus its
+# per-token NLL under the policy (the paper's), best_metric = its task metric against the answer (needs labels).
+BON_FEEDBACKS = ("best_nll", "best_metric")
 
 
 # =================================================================================================
@@ -147,13 +150,13 @@ class CachedArm(RewardArm):
 
 @dataclass
 class BestOfNConfig:
-    n: int = 8
-    max_new_tokens: int = 64
-    temperature: float = 0.8
-    top_p: float = 1.0
+    n: int = 8  # samples per prompt, ranked by the chosen RM
+    max_new_tokens: int = 64  # per sampled response
+    temperature: float = 0.8  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling (1: the full distribution)
     batch_size: int = 8  # prompts per bandit step
-    gen_batch_size: int = 8  # prompts per generate() call
-    feedback: str = "nll"  # nll (paper) | verifier (task metric of the chosen response; needs answers)
+    gen_batch_size: int = 8  # prompts per sampling call (one prefill each)
+    feedback: str = "best_nll"  # best_nll (paper: -NLL per token of the RM's best response) | best_metric (its task metric; needs answers)
     metric: str = "auto"  # auto: f1 when prompts carry a context (QA), else accuracy
     template: str = "{context}\n\n{prompt}"  # how a context and a question become one prompt
     max_prompt_tokens: int | None = None  # None: the model's limit minus max_new_tokens
@@ -163,6 +166,10 @@ class BestOfNConfig:
         for name in ("n", "max_new_tokens", "batch_size", "gen_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature must be >= 0 and top_p lie in (0, 1]; got {self.temperature}, {self.top_p}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1 (or None), got {self.max_prompt_tokens}")
         if self.feedback not in BON_FEEDBACKS:
             raise ValueError(f"unknown feedback {self.feedback!r}; choose one of {BON_FEEDBACKS}")
         if self.metric != "auto" and self.metric not in METRICS:
@@ -240,9 +247,8 @@ def run_best_of_n(
     if reserved:
         raise ValueError(f"strategy names {sorted(reserved)} are reserved for the reference rows")
     metric = resolve_metric(records, config.metric)
-    caches = {id(a): a for s in selectors.values() for a in s.arms if isinstance(a, CachedArm)}
+    caches = {id(a): a for s in selectors.values() for a in s.rms if isinstance(a, CachedArm)}
     torch.manual_seed(config.seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     names = list(selectors) + ["first_sample", "oracle"]
     totals: dict[str, list[float]] = {s: [] for s in names}
     per_domain: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -255,18 +261,19 @@ def run_best_of_n(
         inputs = [build_input(r, config.template) for r in batch]
         answers = [r["answer"] for r in batch]
         domains = [r.get("domain") for r in batch]
-        samples = sample_responses(
-            policy, tokenizer, inputs, n, config.max_new_tokens, config.temperature, config.top_p,
-            config.gen_batch_size, config.max_prompt_tokens,
+        rollout = sample(
+            policy, tokenizer, inputs, n, config.max_new_tokens, config.temperature, top_p=config.top_p,
+            batch_size=config.gen_batch_size, max_prompt_tokens=config.max_prompt_tokens,
         )
-        num_truncated += samples.num_truncated
-        # Contexts from the prompt as the policy saw it (truncated), once for every strategy.
-        contexts = prompt_contexts(policy, tokenizer, samples.prompts, encoder)
-        flat_prompts, flat_responses = samples.flat()
+        num_truncated += rollout.num_truncated
+        # Contexts from the sampling prefill (the prompt as the policy saw it, truncated), once for every strategy.
+        contexts = encoder(rollout.context_hidden)
+        flat_prompts, flat_responses = rollout.flat()
         flat_labels = [a for a in answers for _ in range(n)]
-        quality = torch.tensor([[task_score(resp, a, metric) for resp in rs] for rs, a in zip(samples.responses, answers)])
+        grouped = rollout.grouped()
+        quality = torch.tensor([[task_score(resp, a, metric) for resp in rs] for rs, a in zip(grouped, answers)])
         rows = [
-            {"index": start + p, "domain": domains[p], "answer": answers[p], "responses": samples.responses[p], "task_scores": quality[p].tolist()}
+            {"index": start + p, "domain": domains[p], "answer": answers[p], "responses": grouped[p], "task_scores": quality[p].tolist()}
             for p in range(P)
         ]
         for cache in caches.values():
@@ -277,12 +284,10 @@ def run_best_of_n(
             chosen = choose_best(scores)
             picked = quality.gather(1, chosen[:, None]).squeeze(1)
             if selector.bandit is not None and selector.bandit.learns:
-                if config.feedback == "nll":  # the paper: minus the per-token NLL of the chosen response
+                if config.feedback == "best_nll":  # the paper: minus the per-token NLL of the chosen response
                     with torch.no_grad():
-                        logps, lengths = sequence_logps(
-                            policy, samples.prompt_ids, [samples.response_ids[p][int(chosen[p])] for p in range(P)], pad
-                        )
-                    raw = logps / lengths
+                        logps, lengths = sequence_logprobs(policy, rollout, torch.arange(P) * n + chosen)
+                    raw = logps.cpu() / lengths
                 else:
                     raw = picked.clone()
                 selector.feedback(contexts, arms, raw_rewards=raw)
@@ -331,8 +336,8 @@ def greedy_metric(
     total = 0.0
     for start in tqdm(range(0, len(records), batch_size), desc="greedy eval"):
         batch = list(records[start : start + batch_size])
-        samples = sample_responses(policy, tokenizer, [build_input(r, template) for r in batch], 1, max_new_tokens, temperature=0.0, batch_size=batch_size)
-        total += sum(task_score(rs[0], r["answer"], metric) for rs, r in zip(samples.responses, batch))
+        rollout = sample(policy, tokenizer, [build_input(r, template) for r in batch], 1, max_new_tokens, temperature=0.0, batch_size=batch_size)
+        total += sum(task_score(response, r["answer"], metric) for response, r in zip(rollout.responses, batch))
     return total / len(records)
 
 

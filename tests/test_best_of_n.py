@@ -1,3 +1,4 @@
+import hashlib
 import json
 import random
 
@@ -19,7 +20,7 @@ from laser_rl.best_of_n import (
 )
 from laser_rl.cli import main
 from laser_rl.context import ContextEncoder
-from laser_rl.iterative_dpo import Samples, sequence_logps
+from laser_rl.lm import Rollout, prompt_contexts
 
 
 def length_rm(prompts, responses, labels):
@@ -79,7 +80,7 @@ def test_best_of_n_picks_the_rms_top_sample(tokenizer, causal_lm):
 
 
 def test_bandit_reward_is_minus_the_per_token_nll_of_the_chosen_response(tokenizer, causal_lm, monkeypatch):
-    monkeypatch.setattr(bon, "sample_responses", _fake_sampler)
+    monkeypatch.setattr(bon, "sample", _fake_sampler)
     arms = [CachedArm(RuleArm(length_rm, name="a")), CachedArm(RuleArm(lambda p, r, l: [0.0] * len(r), name="b"))]
     encoder = ContextEncoder(causal_lm.config.hidden_size)
     selector = RewardSelector(arms, context_dim=encoder.dim)
@@ -88,9 +89,11 @@ def test_bandit_reward_is_minus_the_per_token_nll_of_the_chosen_response(tokeniz
     for row in result.predictions:
         prompt = RECORDS[row["index"]]["prompt"]
         response = row["responses"][row["laser"]["chosen"]]
-        with torch.no_grad():
-            logp, length = sequence_logps(causal_lm, [tokenizer(prompt)["input_ids"]], [tokenizer(response)["input_ids"]], tokenizer.pad_token_id)
-        expected.append(float(logp / length))  # mean log-prob per token = minus the normalized NLL
+        prompt_ids, response_ids = tokenizer(prompt)["input_ids"], tokenizer(response, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():  # by hand: one plain forward over prompt + response, log-softmax at the response positions
+            ids = torch.tensor([prompt_ids + response_ids])
+            logp = causal_lm(ids).logits.log_softmax(-1)[0, :-1].gather(1, ids[0, 1:, None]).squeeze(1)[len(prompt_ids) - 1 :]
+        expected.append(float(logp.mean()))  # mean log-prob per token = minus the normalized NLL
     assert selector.reward_normalizer.histories[0].tolist() == pytest.approx(expected, abs=1e-5)
 
 
@@ -100,12 +103,13 @@ def _fake_sampler(model, tokenizer, prompts, n, *args, **kwargs):
     for p in prompts:
         right, wrong = ("yes", "no") if "animal" in p else (str(eval(p.split("is ")[1].rstrip("?"))), "99")
         responses.append([f"The answer is {wrong}", f"The answer is {right}.", f"The answer is {wrong}!", f"The answer is {right}"][:n])
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
-    return Samples(list(prompts), ids, [[tokenizer(r)["input_ids"] for r in rs] for rs in responses], responses)
+    rollout = Rollout.from_texts(tokenizer, prompts, responses)
+    rollout.context_hidden = prompt_contexts(model, tokenizer, prompts)  # what sampling's prefill would give
+    return rollout
 
 
 def test_laser_with_verifier_feedback_beats_random_and_ensemble_on_conflicting_rms(tokenizer, causal_lm, monkeypatch):
-    monkeypatch.setattr(bon, "sample_responses", _fake_sampler)
+    monkeypatch.setattr(bon, "sample", _fake_sampler)
     rng = random.Random(0)
     records = []
     for i in range(48):
@@ -124,7 +128,7 @@ def test_laser_with_verifier_feedback_beats_random_and_ensemble_on_conflicting_r
     encoder = ContextEncoder(causal_lm.config.hidden_size)
     selectors = {name: RewardSelector(arms, context_dim=encoder.dim, baseline=baseline)
                  for name, baseline in (("laser", None), ("random", "random"), ("mean", "mean"))}
-    result = run_best_of_n(causal_lm, tokenizer, selectors, encoder, records, BestOfNConfig(n=4, batch_size=4, feedback="verifier"))
+    result = run_best_of_n(causal_lm, tokenizer, selectors, encoder, records, BestOfNConfig(n=4, batch_size=4, feedback="best_metric"))
     assert result.metric == "accuracy" and result.scores["oracle"] == 1.0
     assert result.scores["laser"] > 0.8 > result.scores["random"] + 0.2
     assert result.scores["mean"] == 0.0  # the scores cancel: every tie goes to sample 0, a wrong answer
@@ -151,8 +155,31 @@ def test_best_of_n_rejects_bad_input(tokenizer, causal_lm):
         run_best_of_n(causal_lm, tokenizer, selectors, encoder, [{"prompt": "hi"}], BestOfNConfig())
     with pytest.raises(ValueError, match="reserved"):
         run_best_of_n(causal_lm, tokenizer, {"oracle": selectors["random"]}, encoder, RECORDS, BestOfNConfig())
-    with pytest.raises(ValueError, match="feedback"):
-        BestOfNConfig(feedback="loss")
+    for old_or_wrong in ("loss", "nll", "verifier", "pair_loss"):  # best-of-n's signals are named for the RM's best response
+        with pytest.raises(ValueError, match="feedback"):
+            BestOfNConfig(feedback=old_or_wrong)
+
+
+def test_fixed_seed_reproduces_the_pinned_choices_and_rewards(tokenizer, causal_lm):
+    """Pinned before laser_rl.lm replaced this mode's sampler, contexts and log-probs (commit 8ce3136, HF generate):
+    the same samples, the same RM choices and the same best_nll rewards."""
+    arms = [CachedArm(RuleArm(length_rm, name="longest")), CachedArm(RuleArm(lambda p, r, l: [-len(x) for x in r], name="shortest"))]
+    encoder = ContextEncoder(causal_lm.config.hidden_size)
+    selectors = {"laser": RewardSelector(arms, context_dim=encoder.dim), "random": RewardSelector(arms, context_dim=encoder.dim, baseline="random")}
+    records = [
+        {"prompt": "What is 2 + 3?", "answer": "5", "domain": "math"},
+        {"prompt": "All cats are animals. Is Tom an animal?", "answer": "yes", "domain": "logic"},
+        {"prompt": "Write a short happy poem.", "answer": "sea", "domain": "chat"},
+    ]
+    result = run_best_of_n(causal_lm, tokenizer, selectors, encoder, records * 2, BestOfNConfig(n=4, max_new_tokens=8, batch_size=2))
+    responses = [row["responses"] for row in result.predictions]
+    assert hashlib.sha256(json.dumps(responses).encode()).hexdigest()[:16] == "67f7bd01a3110bc8"
+    assert [(row["laser"]["arm"], row["laser"]["chosen"], row["random"]["arm"], row["random"]["chosen"]) for row in result.predictions] == [
+        ("longest", 3, "longest", 3), ("shortest", 0, "shortest", 0), ("longest", 2, "shortest", 3),
+        ("shortest", 0, "longest", 1), ("longest", 1, "shortest", 2), ("shortest", 0, "shortest", 0),
+    ]
+    raw = selectors["laser"].reward_normalizer.histories[0].tolist()
+    assert raw == pytest.approx([-5.69727, -5.72224, -5.69116, -5.74877, -5.67718, -5.70725], abs=1e-4)
 
 
 # ----- CLI -------------------------------------------------------------------------------------------

@@ -23,18 +23,17 @@ from torch import Tensor, nn
 from laser_rl.arms import RewardArm, make_arm
 from laser_rl.bandits import UCB1, Bandit, LinearBandit
 from laser_rl.context import ContextEncoder
+from laser_rl.lm import load_jsonl, prompt_contexts
 from laser_rl.selector import RewardSelector
 
 
 def load_preference_set(path: str) -> list[dict]:
     """Rows of a local JSONL file with `prompt`, `chosen`, `rejected` and optional `domain`."""
-    from laser_rl.iterative_dpo import load_jsonl
-
     return load_jsonl(path, required=("prompt", "chosen", "rejected"))
 
 
 def preference_rewards(
-    arms: Sequence[RewardArm | str],
+    rms: Sequence[RewardArm | str],
     prompts: Sequence[str],
     chosen: Sequence[str],
     rejected: Sequence[str],
@@ -44,7 +43,7 @@ def preference_rewards(
     if not (len(prompts) == len(chosen) == len(rejected)) or len(prompts) == 0:
         raise ValueError(f"need as many prompts, chosen and rejected (>= 1): got {len(prompts)}, {len(chosen)}, {len(rejected)}")
     columns = []
-    for arm in (make_arm(a) for a in arms):
+    for arm in (make_arm(rm) for rm in rms):
         # One call per arm over chosen then rejected, so batched RMs stay batched.
         scores = arm.score(list(prompts) * 2, list(chosen) + list(rejected), None if labels is None else list(labels) * 2)
         if not torch.isfinite(scores).all():
@@ -112,15 +111,14 @@ def warm_start_from_preferences(
     """Contexts from the policy, rewards from the selector's own arms, then the update. Returns rewards [N, K].
 
     examples: dicts with prompt, chosen, rejected (and optional answer, passed to the arms as labels).
+    The contexts are the ones sampling would give each prompt (laser_rl.lm: same encoding, same prefill).
     """
-    from laser_rl.iterative_dpo import prompt_contexts
-
     if not examples:
         raise ValueError("the preference set is empty")
     prompts = [str(e["prompt"]) for e in examples]
     labels = [e.get("answer") for e in examples]
     rewards = preference_rewards(
-        selector.arms, prompts, [str(e["chosen"]) for e in examples], [str(e["rejected"]) for e in examples],
+        selector.rms, prompts, [str(e["chosen"]) for e in examples], [str(e["rejected"]) for e in examples],
         labels if all(l is not None for l in labels) else None,
     )
     contexts = prompt_contexts(policy, tokenizer, prompts, encoder)

@@ -112,3 +112,20 @@ def test_warm_start_from_preferences_uses_policy_contexts(tokenizer, causal_lm):
     assert selector.bandit.counts.tolist() == [2, 2, 2]
     table = prior_accuracy_table(rewards, selector.names, [e["domain"] for e in examples])
     assert "logic" in table and "math" in table
+
+
+def test_warm_start_contexts_are_the_ones_sampling_gives_the_policy(tokenizer, causal_lm):
+    """The prior's contexts live where the online ones will: the sampling prefill's (laser_rl.lm). The ridge
+    statistics were pinned before laser_rl.lm replaced the context path (commit 8ce3136): unchanged."""
+    from laser_rl.lm import sample
+
+    encoder = ContextEncoder(causal_lm.config.hidden_size)
+    selector = RewardSelector([LONGER, YES], context_dim=encoder.dim)
+    examples = [
+        {"prompt": "Is Tom an animal?", "chosen": "yes", "rejected": "no"},
+        {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "It is 6"},
+    ]
+    rewards = warm_start_from_preferences(selector, examples, causal_lm, tokenizer, encoder)
+    X = encoder(sample(causal_lm, tokenizer, [e["prompt"] for e in examples], 1, 2).context_hidden)
+    torch.testing.assert_close(selector.bandit.b, (X.T @ (rewards - 0.5)).T, atol=1e-5, rtol=0)  # b_k = sum_i (r_ik - 0.5) x_i
+    assert selector.bandit.b.sum(dim=1).tolist() == pytest.approx([-0.470383, -0.737374], abs=1e-5)

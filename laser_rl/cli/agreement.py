@@ -14,15 +14,14 @@ import argparse
 import json
 import os
 
-import torch
+from laser_rl.cli.common import RM_SPECS, build_rms, check_file, load_policy, load_records
 
-from laser_rl.cli.iterative_dpo import build_arms, load_policy, resolve_device, resolve_dtype
+HELP = "pairwise agreement of reward models on response pairs (matrix + heatmap PNG)"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("agreement", help="pairwise agreement of reward models on response pairs (matrix + heatmap PNG)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reward-models", nargs="+", required=True, metavar="SPEC", help="two or more laser_rl.arms.make_arm specs")
+    p = sub.add_parser("agreement", help=HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reward-models", nargs="+", required=True, metavar="SPEC", help="two or more " + RM_SPECS)
     p.add_argument("--data", required=True, help="JSONL with `prompt` and `responses`, or `chosen`+`rejected`, or only `prompt`")
     p.add_argument("--policy", default=None, help="local causal-LM directory to sample responses for rows that have none")
     p.add_argument("--n", type=int, default=4, help="responses to sample per prompt with --policy")
@@ -50,35 +49,40 @@ def _responses(rows: list[dict]) -> tuple[str, list[list[str]] | None]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from laser_rl.agreement import plot_agreement, rm_agreement, save_agreement
-    from laser_rl.iterative_dpo import load_jsonl, sample_responses
-
+    parser = args.parser
     if len(args.reward_models) < 2:
-        args.parser.error("--reward-models needs at least two reward models to compare")
+        parser.error("--reward-models needs at least two reward models to compare")
     if args.n < 2 or args.max_new_tokens < 1:
-        args.parser.error("--n must be >= 2 and --max-new-tokens >= 1")
-    if not os.path.isfile(args.data):
-        args.parser.error(f"--data file {args.data!r} does not exist")
-    rows = load_jsonl(args.data, required=("prompt",))
+        parser.error("--n must be >= 2 and --max-new-tokens >= 1")
+    check_file(parser, "--data", args.data)
+    rows = load_records(args, "--data", args.data, ("prompt",))
     try:
         kind, responses = _responses(rows)
     except ValueError as e:
-        args.parser.error(str(e))
+        parser.error(f"--data: {e}")
+    if kind == "prompts" and not args.policy:
+        parser.error("--data has no `responses` or `chosen`/`rejected`: give --policy to sample them")
+    return compare(args, rows, kind, responses)
+
+
+def compare(args: argparse.Namespace, rows: list[dict], kind: str, responses: list[list[str]] | None) -> dict:
+    import torch
+
+    from laser_rl.agreement import plot_agreement, rm_agreement, save_agreement
+    from laser_rl.lm import sample
+
     prompts = [str(r["prompt"]) for r in rows]
-    device = resolve_device(args.device)
     if kind == "prompts":
-        if not args.policy:
-            args.parser.error("the data has no `responses` or `chosen`/`rejected`: give --policy to sample them")
         torch.manual_seed(args.seed)
-        policy, tokenizer = load_policy(args.policy, device, resolve_dtype(args.dtype, device))
-        samples = sample_responses(policy, tokenizer, prompts, args.n, args.max_new_tokens, args.temperature)
-        prompts, responses = samples.prompts, samples.responses
+        policy, tokenizer = load_policy(args, args.policy)
+        rollout = sample(policy, tokenizer, prompts, args.n, args.max_new_tokens, args.temperature)
+        prompts, responses = rollout.prompts, rollout.grouped()
         del policy
     domains = [r.get("domain") for r in rows]
     labels = [r.get("answer") for r in rows]
-    arms = build_arms(args.reward_models, device)
+    rms = build_rms(args, args.reward_models)  # after sampling, with the policy freed: never both in memory
     result = rm_agreement(
-        arms, prompts, responses,
+        rms, prompts, responses,
         domains=domains if any(d is not None for d in domains) else None,
         labels=labels if all(l is not None for l in labels) else None,
         preferred_first=kind == "pairs",

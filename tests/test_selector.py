@@ -228,7 +228,7 @@ def test_end_to_end_step_with_tiny_models(tokenizer, causal_lm, reference_lm, re
     m = sel.metrics()
     assert math.isclose(sum(m[f"laser/arm_frac/{a.name}"] for a in arms), 1.0)
     assert m["laser/bandit_reward_raw"] < 0  # minus a loss
-    assert m["laser/rm_passes"] == 9 - 3 * int((chosen == 3).sum())  # the pure-noise arm runs no model
+    assert m["laser/rm_passes"] == 9  # one pass per sample, the noise arm (a broken RM, called and paid for) included
     assert sum(m[f"laser/domain/math/arm_frac/{a.name}"] for a in arms) == 1.0
     assert "laser/exploration_width" in m
 
@@ -337,7 +337,8 @@ def consensus_run(audit_fraction, steps=40, seed=0, P=6, n=6):
 def test_consensus_learns_without_labels_and_counts_audit_passes():
     sel, counts = consensus_run(audit_fraction=0.5)
     assert counts[1:, 2].sum() < 0.1 * counts[1:].sum()  # off domain 0, the hackable RM is avoided
-    assert counts[:, :2].sum() > 0.85 * counts.sum()  # the two truthful RMs get the prompts
+    assert counts[1:, :2].sum() > 0.9 * counts[1:].sum()  # there, the two truthful RMs get the prompts
+    # (on domain 0 the "hackable" RM is exactly right, so it may rightly take a share there)
     assert counts[:, 3].sum() < 0.15 * counts.sum()  # noise avoided
     sel2, _ = consensus_run(audit_fraction=0.0, steps=3)
     assert int(sel2.bandit.counts.sum()) == 0  # nothing audited: consensus gives no feedback

@@ -51,8 +51,8 @@ class DemoConfig:
     samples: int = 8  # n responses per prompt (the GRPO group); prompts are encoded once, so n is cheap
     max_new_tokens: int = 12  # per sampled response (the answers are short)
     temperature: float = 0.8  # sampling temperature of the GRPO rollouts
-    arms: tuple[str, ...] | None = None  # reward models by name; None takes the pool's (POOLS[pool])
-    pool: str = "default"  # named arm pool from laser_rl.demo.arms.POOLS: "default" (the original four) or "hard"
+    arms: tuple[str, ...] | None = None  # reward models from calculator,minilm,smollm2,noise,verbose; overrides the pool
+    pool: str = "default"  # "default" (calculator,minilm,smollm2,noise) or "hard" (the hackable verbose replaces calculator)
     feedback: str = "verifier"  # bandit reward: RM agreement with the verifier labels, or pair_loss, spread, consensus, ...
     bandit: str = "linucb"  # linucb | thompson | epsilon_greedy | exp3 | ucb1
     # LinUCB exploration and ridge, chosen with benchmarks/demo_bandit_replay.py (docs/demo.md): with per-prompt

@@ -79,7 +79,7 @@ def format_matrix(matrix: Tensor, names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def score_all(arms: Sequence[RewardArm], prompts: Sequence[str], responses: Sequence[Sequence[str]], labels: Sequence | None = None) -> Tensor:
+def score_all(rms: Sequence[RewardArm], prompts: Sequence[str], responses: Sequence[Sequence[str]], labels: Sequence | None = None) -> Tensor:
     """Every RM's scores of every response: [K, P, n]."""
     if len(prompts) == 0:
         raise ValueError("no prompts")
@@ -92,7 +92,7 @@ def score_all(arms: Sequence[RewardArm], prompts: Sequence[str], responses: Sequ
     flat_r = [r for rs in responses for r in rs]
     flat_l = None if labels is None else [l for l in labels for _ in range(n)]
     out = []
-    for arm in tqdm(arms, desc="scoring with each RM", disable=len(arms) < 2):
+    for arm in tqdm(rms, desc="scoring with each RM", disable=len(rms) < 2):
         scores = arm.score(flat_p, flat_r, flat_l)
         if not torch.isfinite(scores).all():
             raise ValueError(f"reward model {arm.name!r} returned NaN or inf")
@@ -101,7 +101,7 @@ def score_all(arms: Sequence[RewardArm], prompts: Sequence[str], responses: Sequ
 
 
 def rm_agreement(
-    arms: Sequence[RewardArm | str],
+    rms: Sequence[RewardArm | str],
     prompts: Sequence[str],
     responses: Sequence[Sequence[str]],
     domains: Sequence[str | None] | None = None,
@@ -113,14 +113,14 @@ def rm_agreement(
     preferred_first: the first response of each prompt is the labeled chosen one and the second the
     rejected one; then each RM's accuracy on those labels is reported too.
     """
-    arms = [make_arm(a) for a in arms]
-    if len(arms) < 2:
+    rms = [make_arm(rm) for rm in rms]
+    if len(rms) < 2:
         raise ValueError("agreement needs at least two reward models")
     if domains is not None and len(domains) != len(prompts):
         raise ValueError(f"{len(domains)} domains for {len(prompts)} prompts")
-    names = [a.name for a in arms]
+    names = [rm.name for rm in rms]
     names = [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]  # as the selector names them
-    scores = score_all(arms, prompts, responses, labels)  # [K, P, n]
+    scores = score_all(rms, prompts, responses, labels)  # [K, P, n]
     orders = torch.stack([pairwise_orders(s) for s in scores])  # [K, P * pairs_per_prompt]
     pairs_per_prompt = orders.shape[1] // len(prompts)
     result = AgreementResult(names, agreement_matrix(orders), orders.shape[1])

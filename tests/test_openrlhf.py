@@ -310,6 +310,10 @@ def test_cli_accepts_every_openrlhf_flag_plus_laser_flags(dirs, rules, capsys):
         (["--laser.reward_weights", "nan", "1", "1"], "argument --laser.reward_weights: must be a finite number, got nan"),
         (["--laser.reward_weights", "1", "inf", "1"], "argument --laser.reward_weights: must be a finite number, got inf"),
         (["--laser.alpha", "0.5", "--laser.bandit", "exp3"], None),  # alpha is Exp3's gamma: in range, fine
+        (["--laser.feedback", "consensus", "--laser.audit_fraction", "1.5"], "argument --laser.audit_fraction: must be <= 1"),
+        (["--laser.feedback", "consensus", "--laser.audit_fraction", "nan"], "argument --laser.audit_fraction: must be a finite"),
+        (["--laser.audit_fraction", "0.5"], "--laser.audit_fraction applies to --laser.feedback consensus only, not pair_loss"),
+        (["--laser.feedback", "consensus", "--laser.audit_fraction", "0.5"], None),
     ],
 )
 def test_cli_rejects_bad_laser_values_clearly(dirs, rules, capsys, flags, message):
@@ -353,6 +357,22 @@ def test_cli_rejects_a_bad_policy_path_and_a_non_finite_noise_spec(dirs, rules, 
     argv[argv.index("--laser.reward_models") + 3] = "noise:0.3"  # a finite sigma is fine
     assert cli.main(argv) == 0
     assert not ray.is_initialized()
+
+
+def test_laser_flags_reach_the_selector(dirs, rules):
+    """The parsed --laser.* namespace goes through selector_from_flags as is: each flag lands on its knob."""
+    from laser_rl.arms import RuleArm
+    from laser_rl.selector import selector_from_flags
+
+    args = cli.parse_args(_argv(dirs, "--laser.feedback", "consensus", "--laser.audit_fraction", "0.25",
+                                "--laser.bandit", "thompson", "--laser.alpha", "0.7", "--laser.lambda", "3",
+                                "--laser.discount", "0.9", "--laser.seed", "5"))
+    rms = [RuleArm(lambda p, r, l: [0.0] * len(p), name=n) for n in ("a", "b", "c")]
+    selector = selector_from_flags(rms, args.laser, context_dim=8)
+    assert selector.feedback_name == "consensus" and selector.audit_fraction == 0.25
+    assert selector.bandit.v == 0.7 and selector.bandit.lam == 3 and selector.bandit.discount == 0.9
+    args = cli.parse_args(_argv(dirs, "--laser.beta", "0.3"))
+    assert selector_from_flags(rms, args.laser, context_dim=8).feedback_kwargs == {"beta": 0.3}
 
 
 def test_cli_feedback_choices_are_what_the_integration_can_feed():

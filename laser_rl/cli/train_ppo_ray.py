@@ -97,6 +97,11 @@ def add_laser_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--laser.beta", type=_number(float, 0, low_open=True), default=0.1, metavar="BETA", help="DPO beta of pair_loss")
     g.add_argument(
+        "--laser.audit_fraction", type=_number(float, 0, 1), default=None, metavar="F",
+        help="consensus feedback: share of prompts scored by every RM to estimate their reliability "
+        "(costs F * (K - 1) extra RM passes per sample; default: the selector's, 0.1)",
+    )
+    g.add_argument(
         "--laser.granularity", choices=("prompt", "batch"), default="prompt",
         help="one RM per prompt (default) or per rollout batch (the paper's code)",
     )
@@ -147,6 +152,8 @@ def check_args(parser: argparse.ArgumentParser, args: SimpleNamespace) -> list[s
             "--laser.feedback verifier needs a verifier score per sample: pass --reward.remote_url "
             "(a reward_func .py file or a URL; OpenRLHF scores each sample with it during rollout)"
         )
+    if laser.audit_fraction is not None and laser.feedback != "consensus":
+        parser.error(f"--laser.audit_fraction applies to --laser.feedback consensus only, not {laser.feedback}")
     if args.reward.model_name_or_path:
         parser.error("--reward.model_name_or_path is OpenRLHF's single RM; with LASeR list every RM in --laser.reward_models")
     if args.train.async_enable:

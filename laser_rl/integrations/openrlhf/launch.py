@@ -43,7 +43,7 @@ from laser_rl.selector import selector_from_flags
 CHECKPOINT_KEY = "laser_selector"
 # Run in every Ray worker before it unpickles an actor class: a worker imports OpenRLHF (flash_attn)
 # before any of our code runs, so the CPU shim must be in place first (a no-op on GPU machines).
-WORKER_SETUP_HOOK = "laser_rl.integrations.openrlhf.compat.ensure_openrlhf_importable"
+WORKER_SETUP_HOOK = f"{ensure_openrlhf_importable.__module__}.{ensure_openrlhf_importable.__name__}"
 OPENRLHF_MISSING = (
     "OpenRLHF is not installed: pip install \".[openrlhf]\" from the laser-rl checkout on a GPU machine "
     "(or bash scripts/install_cpu.sh on a CPU-only one)"

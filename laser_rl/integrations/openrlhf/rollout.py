@@ -131,6 +131,8 @@ class WeightedArm(RewardArm):
     """
 
     def __init__(self, arm: RewardArm, weight: float):
+        if not math.isfinite(float(weight)):
+            raise ValueError(f"--laser.reward_weights: the weight of {arm.name!r} must be a finite number, got {weight}")
         self.arm, self.weight = arm, float(weight)
         self.name, self.passes_per_sample = arm.name, arm.passes_per_sample
 

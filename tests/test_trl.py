@@ -259,3 +259,15 @@ def test_binding_errors_name_what_to_change():
         LaserRewardFunction(RewardSelector(rms(), context_dim=9), num_generations=N)
     with pytest.raises(RuntimeError, match="callback"):
         make_laser(tokenizer)(["a", "a"], ["x", "y"])
+
+
+def test_contexts_from_trl_prompt_ids_match_the_core_encoder():
+    from laser_rl.context import prompt_hidden_states
+    from laser_rl.integrations.trl import prompt_states_from_ids, trl_prompt_ids
+
+    tokenizer = build_tokenizer("bpe")
+    policy = build_causal_lm(tokenizer)
+    ids = trl_prompt_ids(tokenizer, PROMPTS[:3])
+    batched = prompt_states_from_ids(policy, ids, batch_size=2)  # left-padded batches
+    assert torch.allclose(batched, prompt_hidden_states(policy, tokenizer, PROMPTS[:3]), atol=1e-5)
+    assert torch.allclose(batched[2], prompt_states_from_ids(policy, ids[2:])[0], atol=1e-5)  # alone == batched

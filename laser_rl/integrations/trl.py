@@ -41,7 +41,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from laser_rl.bandits import UCB1, Exp3, FixedArm, LinearBandit, RandomArm, RoundRobin
-from laser_rl.context import ContextEncoder, pool_hidden_states
+from laser_rl.context import ContextEncoder
+from laser_rl.lm import pad, prefill
 from laser_rl.selector import ENSEMBLE, RewardSelector
 
 SELECTOR_FILE = "laser_selector.pt"  # written into every checkpoint-N/ beside TRL's files
@@ -163,39 +164,19 @@ def _is_contextual(selector: RewardSelector) -> bool:
 def prompt_states_from_ids(model, prompt_ids: Sequence[Sequence[int]], batch_size: int = 16) -> Tensor:
     """Last-layer hidden state at each prompt's last token, float32 [len(prompt_ids), hidden] on the CPU.
 
-    One prompt-only forward per batch of `batch_size` prompts, left-padded, position ids from the mask (a
-    prompt gives the same state alone or batched), logits for the last position only where the model allows.
+    One prompt-only forward (laser_rl.lm.prefill: left padding, positions from the mask, one logit kept) per
+    batch of `batch_size` prompts, so a prompt gives the same state alone or batched.
     """
-    device = next(model.parameters()).device
-    extra = {}
-    try:
-        import inspect
-
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft (LoRA) wrapper
-        if "logits_to_keep" in inspect.signature(base.forward).parameters:
-            extra["logits_to_keep"] = 1
-    except (TypeError, ValueError):
-        pass
+    if any(len(x) == 0 for x in prompt_ids):
+        raise ValueError("a prompt has no tokens: nothing to pool")
     was_training = model.training
     model.eval()  # dropout would give one prompt different contexts
     try:
         pooled = []
         for start in range(0, len(prompt_ids), batch_size):
-            chunk = [torch.as_tensor(list(x), dtype=torch.long) for x in prompt_ids[start : start + batch_size]]
-            if any(len(x) == 0 for x in chunk):
-                raise ValueError(f"a prompt among {start}..{start + len(chunk) - 1} has no tokens: nothing to pool")
-            width = max(len(x) for x in chunk)
-            ids = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, x in enumerate(chunk):
-                ids[row, width - len(x) :] = x
-                mask[row, width - len(x) :] = 1
-            position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-            out = model(
-                input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
-                output_hidden_states=True, use_cache=False, **extra,
-            )
-            pooled.append(pool_hidden_states(out.hidden_states[-1], mask.to(device), "last").cpu())
+            ids, mask = pad(prompt_ids[start : start + batch_size], pad_id=0, side="left")  # pads are masked out
+            out = prefill(model, ids, mask, hidden=True, cache=False)
+            pooled.append(out.hidden_states[-1][:, -1].float().cpu())  # left padded: the last column is the last token
     finally:
         model.train(was_training)
     return torch.cat(pooled)
@@ -367,12 +348,17 @@ class LaserRewardFunction:
         global_index = torch.arange(rank * B, (rank + 1) * B)
         local_group = global_index // n  # [B] this rank's completions -> global prompt index
         owned = [i for i in range(B) if int(global_index[i]) % n == 0]  # first sample of a group lives here
+        # Every column is read before select(): a missing one is an error before the bandit draws anything.
+        columns = {name: self._column(kwargs, name) for name in (self.label_column, self.domain_column, self.correct_column)
+                   if name is not None}
+        labels = columns.get(self.label_column)
+        texts = [_prompt_text(p) for p in prompts]
+        responses = [_completion_text(c) for c in completions]
 
         contexts = self._contexts(prompts, owned, P, n, device)
         domains = None
         if self.domain_column is not None:
-            column = self._column(kwargs, self.domain_column)
-            domains = [str(d) for d in _all_gather_list([column[i] for i in owned])]
+            domains = [str(d) for d in _all_gather_list([columns[self.domain_column][i] for i in owned])]
         if training:
             arms = self.selector.select(contexts, domains)
             if world > 1:  # rank 0's choice wins; every rank ran select() so RNG and statistics stay in lockstep
@@ -383,9 +369,6 @@ class LaserRewardFunction:
             arms = exploit_arms(self.selector, contexts, step=getattr(state, "global_step", 0))
         self.last_arms = arms
 
-        labels = self._column(kwargs, self.label_column) if self.label_column is not None else None
-        texts = [_prompt_text(p) for p in prompts]
-        responses = [_completion_text(c) for c in completions]
         local_arms = arms[local_group]
         passes_before = self.selector.rm_passes_total
         rewards = self.selector.score(texts, responses, local_arms, labels)
@@ -413,23 +396,18 @@ class LaserRewardFunction:
         if not _is_contextual(self.selector):
             return torch.zeros(P, 1)
         _, world = _rank_world()
-        if self.trainer is not None and getattr(self.trainer, "_laser_prompt_ids", None) is not None:
-            all_ids = self.trainer._laser_prompt_ids  # TRL's exact generation ids
-            if len(all_ids) != len(prompts):
-                raise RuntimeError(f"TRL generated for {len(all_ids)} prompts but the reward got {len(prompts)}")
-            ids = [all_ids[i] for i in owned]
-        else:
-            ids = trl_prompt_ids(self.tokenizer, [prompts[i] for i in owned]) if owned else []
-        # Same number of forward batches on every rank: pad to the largest owner count with a copy of a prompt.
         B = len(prompts)
-        counts = [len([g for g in range(r * B, (r + 1) * B) if g % n == 0]) for r in range(world)]
-        width = max(counts)
-        if len(ids) < width:
-            filler = ids[0] if ids else (
-                self.trainer._laser_prompt_ids[0] if self.trainer is not None and getattr(self.trainer, "_laser_prompt_ids", None)
-                else trl_prompt_ids(self.tokenizer, [prompts[0]])[0]
-            )
-            ids = ids + [filler] * (width - len(ids))
+        counts = [sum(1 for g in range(r * B, (r + 1) * B) if g % n == 0) for r in range(world)]  # groups each rank owns
+        # Every rank runs the same number of forward batches (under ZeRO-3 a forward is a collective): a rank that
+        # owns fewer groups pads with copies of its first completion's prompt, whose states are dropped below.
+        rows = owned + [0] * (max(counts) - len(owned))
+        exact = getattr(self.trainer, "_laser_prompt_ids", None) if self.trainer is not None else None
+        if exact is not None:  # LaserGRPOTrainer: TRL's exact generation ids, one list per completion
+            if len(exact) != B:
+                raise RuntimeError(f"TRL generated for {len(exact)} completions but the reward got {B}")
+            ids = [exact[i] for i in rows]
+        else:
+            ids = trl_prompt_ids(self.tokenizer, [prompts[i] for i in rows])
         states = prompt_states_from_ids(self.policy, ids, self.context_batch_size)  # [width, H]
         if world > 1:
             gathered = _all_gather_cat(states.unsqueeze(0), device)  # [world, width, H]

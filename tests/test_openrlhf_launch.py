@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -195,13 +194,11 @@ def test_help_without_openrlhf_is_one_line_naming_the_package_and_the_install():
     assert 'pip install ".[openrlhf]"' in lines[0] and "scripts/install_cpu.sh" in lines[0]
 
 
-def test_one_home_per_concern_and_packaged():
+def test_one_home_per_concern():
     assert importlib.util.find_spec("laser_rl.openrlhf_integration") is None  # no second home left behind
     assert launch.WORKER_SETUP_HOOK.rpartition(".")[0] == "laser_rl.integrations.openrlhf.compat"
     module, _, name = launch.WORKER_SETUP_HOOK.rpartition(".")
     assert callable(getattr(importlib.import_module(module), name))
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    assert {"laser_rl.integrations", "laser_rl.integrations.openrlhf"} <= set(packages)
     # The rollout logic imports no Ray and no OpenRLHF: it runs on plain tensors.
     rollout_source = (ROOT / "laser_rl" / "integrations" / "openrlhf" / "rollout.py").read_text()
     imported = {

@@ -21,9 +21,13 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # =================================================================================================
 # Local data and model facts
@@ -46,7 +50,7 @@ def load_jsonl(path: str, required: Sequence[str] = ("prompt",)) -> list[dict]:
     return rows
 
 
-def hidden_size(model) -> int:
+def hidden_size(model: nn.Module | PretrainedConfig) -> int:
     """The width of a model's last hidden state (the bandit context before any projection).
 
     Takes a model or its config (AutoConfig.from_pretrained(path): no weights loaded); multimodal configs

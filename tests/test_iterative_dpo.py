@@ -188,14 +188,30 @@ def test_a_prompt_with_a_failed_rm_score_gives_the_bandit_no_reward(tokenizer, c
 
 @pytest.mark.parametrize("feedback", ["progress", "verifier", "spread"])
 def test_other_feedback_signals(tokenizer, causal_lm, reward_model, feedback):
-    selector_feedback = {"progress": "progress", "verifier": "verifier", "spread": "spread"}[feedback]
-    policy, reference, selector, encoder, optimizer = _setup(tokenizer, causal_lm, reward_model, feedback=selector_feedback)
+    policy, reference, selector, encoder, optimizer = _setup(tokenizer, causal_lm, reward_model, feedback=feedback)
     result = iterative_dpo_step(policy, reference, tokenizer, selector, encoder, optimizer, RECORDS, _config(feedback=feedback))
     assert result.bandit_rewards.shape == (3,)
     if feedback != "verifier":  # the tiny model never answers right: no mixed pairs, so NaN is allowed there
         assert torch.isfinite(result.bandit_rewards).all()
     with pytest.raises(ValueError, match="feedback"):  # the selector must be built for the signal
         iterative_dpo_step(policy, reference, tokenizer, RewardSelector(selector.rms, context_dim=encoder.dim), encoder, optimizer, RECORDS, _config(feedback=feedback))
+
+
+def test_consensus_feedback_audits_inside_the_step(tokenizer, causal_lm, reward_model):
+    policy, reference, selector, encoder, optimizer = _setup(tokenizer, causal_lm, reward_model, feedback="consensus", audit_fraction=1.0)
+    result = iterative_dpo_step(policy, reference, tokenizer, selector, encoder, optimizer, RECORDS, _config(feedback="consensus"))
+    assert result.bandit_rewards.shape == (3,) and selector.steps == 1
+    assert selector.metrics()["laser/rm_passes"] == 2 * 3 * 4  # every prompt audited: both RMs scored all 4 samples
+
+
+def test_a_signal_the_mode_cannot_feed_is_refused_before_training(tokenizer, causal_lm, reward_model):
+    with pytest.raises(ValueError, match="unknown feedback 'majority'"):  # no answer extractor in this mode
+        _config(feedback="majority")
+    policy, reference, selector, encoder, optimizer = _setup(tokenizer, causal_lm, reward_model, feedback="majority")
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    with pytest.raises(ValueError, match="needs a selector built with feedback='pair_loss'"):
+        iterative_dpo_step(policy, reference, tokenizer, selector, encoder, optimizer, RECORDS, _config())
+    assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items()) and selector.steps == 0
 
 
 def test_run_loops_over_batches_and_validates(tokenizer, causal_lm, reward_model):

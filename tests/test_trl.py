@@ -271,3 +271,25 @@ def test_contexts_from_trl_prompt_ids_match_the_core_encoder():
     batched = prompt_states_from_ids(policy, ids, batch_size=2)  # left-padded batches
     assert torch.allclose(batched, prompt_hidden_states(policy, tokenizer, PROMPTS[:3]), atol=1e-5)
     assert torch.allclose(batched[2], prompt_states_from_ids(policy, ids[2:])[0], atol=1e-5)  # alone == batched
+
+
+@pytest.mark.parametrize("kw", [dict(bandit="linucb"), dict(bandit="thompson"), dict(bandit="exp3"), dict(bandit="ucb1"),
+                                dict(baseline="single", single_arm=2), dict(baseline="sequential"), dict(baseline="random"),
+                                dict(baseline="mean")])
+def test_exploit_arms_changes_no_state(kw):
+    sel = RewardSelector(rms(), context_dim=5, feedback="spread", seed=0, **kw)
+    X = torch.randn(4, 5)
+    for _ in range(3):  # a few learning steps so the estimates differ between arms
+        arms = sel.select(X)
+        sel.feedback(X, arms, scores=torch.rand(4, N))
+    before = sel.state_dict()
+    arms = exploit_arms(sel, X)
+    assert states_equal(before, sel.state_dict()) and arms.shape == (4,)
+    if sel.bandit is None:
+        assert (arms == -1).all()
+    elif kw.get("bandit") in ("linucb", "thompson"):
+        assert torch.equal(arms, sel.bandit.scores(X)[0].argmax(dim=1))  # the ridge estimate's best arm, no bonus
+    elif "single_arm" in kw:
+        assert (arms == 2).all()
+    elif kw.get("baseline") == "sequential":
+        assert torch.equal(arms, sel.select(X))  # the arm the next training batch gets

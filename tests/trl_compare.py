@@ -5,8 +5,8 @@
 TRL's way: reward_funcs=[rm_1, ..., rm_K] with reward_weights (every RM scores every completion).
 LASeR's way: reward_funcs=[LaserRewardFunction] over the same K RMs (one RM per prompt scores its completions).
 Same policy, prompts, seed and GRPOConfig; the RMs are tiny Llama sequence classifiers, larger than the policy so
-their cost shows. Prints RM passes (rows through the RMs' forward, counted by hooks), RM forward time and time per
-optimizer step (train_runtime / steps).
+their cost shows. Prints RM passes (rows through the RMs' forward, counted by hooks), RM forward time, time per optimizer
+step, and what LASeR adds per step (the reward call's time minus the RMs': contexts, selection, bandit update).
 """
 
 from __future__ import annotations
@@ -57,6 +57,20 @@ class Meter:
         self.rows += int(output.logits.shape[0])
 
 
+class Timed:
+    """The reward function with a stopwatch: its total time minus the RMs' is what LASeR adds."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds, self.__name__ = fn, 0.0, fn.__name__
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
 def run(way: str, steps: int, k: int) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
@@ -91,15 +105,16 @@ def run(way: str, steps: int, k: int) -> dict:
             selector = RewardSelector([SequenceClassifierArm(rm, tokenizer, name=f"rm{i}") for i, rm in enumerate(rms)],
                                       context_dim=encoder.dim, feedback="spread", seed=0)
             laser = LaserRewardFunction(selector, num_generations=4, encoder=encoder)
-            reward_funcs, callbacks, extra = [laser], [laser.callback()], {}
+            reward_funcs, callbacks, extra = [Timed(laser)], [laser.callback()], {}
         trainer = GRPOTrainer(model=policy, reward_funcs=reward_funcs, args=args, train_dataset=ds,
                               processing_class=tokenizer, callbacks=callbacks, **extra)
         start = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - start
     completions = steps * 8
+    laser_seconds = reward_funcs[0].seconds - meter.seconds if way == "laser" else 0.0
     return {"way": way, "rm_passes": meter.rows, "completions": completions, "rm_seconds": meter.seconds,
-            "seconds_per_step": wall / steps}
+            "seconds_per_step": wall / steps, "laser_seconds": laser_seconds}
 
 
 def main() -> None:
@@ -109,11 +124,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = [run(way, args.steps, args.rms) for way in ("trl", "laser")]
-    print(f"{'way':<36}{'RM passes':>10}{'per completion':>16}{'RM time/step':>14}{'time/step':>11}")
+    print(f"{'way':<36}{'RM passes':>10}{'per completion':>16}{'RM time/step':>14}{'time/step':>11}{'LASeR adds/step':>17}")
     names = {"trl": f"TRL reward_funcs x{args.rms} + weights", "laser": "LASeR (LaserRewardFunction)"}
     for r in rows:
         print(f"{names[r['way']]:<36}{r['rm_passes']:>10}{r['rm_passes'] / r['completions']:>16.2f}"
-              f"{r['rm_seconds'] / args.steps:>13.3f}s{r['seconds_per_step']:>10.3f}s")
+              f"{r['rm_seconds'] / args.steps:>13.3f}s{r['seconds_per_step']:>10.3f}s{r['laser_seconds'] / args.steps:>16.3f}s")
 
 
 if __name__ == "__main__":

@@ -530,29 +530,26 @@ def _define_trainer():
         """GRPOTrainer with LASeR for the log-prob signals (the paper's pair_loss): `laser` scores the completions,
         and after TRL's forwards the bandit learns from TRL's own policy and reference log-probs."""
 
-        def __init__(self, *args, laser: LaserRewardFunction, reward_funcs=None, callbacks=None, **kwargs):
+        def __init__(self, model, reward_funcs=None, args=None, *, laser: LaserRewardFunction, callbacks=None, **kwargs):
             if not isinstance(laser, LaserRewardFunction):
                 raise TypeError(f"laser must be a LaserRewardFunction, got {type(laser).__name__}")
             if reward_funcs is None:
                 reward_funcs = [laser]
             elif not isinstance(reward_funcs, list) or not any(f is laser for f in reward_funcs):
                 raise ValueError("LaserGRPOTrainer scores with `laser`: pass reward_funcs=None or a list that contains it")
-            config = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
-            beta = getattr(config, "beta", None)
-            if laser.needs_logprobs and beta is not None and float(beta) == 0.0:
+            beta = 0.0 if args is None else float(args.beta)  # GRPOConfig's default beta is 0.0
+            if laser.needs_logprobs and beta == 0.0:
                 raise ValueError(
-                    f"feedback {laser.selector.feedback_name!r} needs the reference model's log-probs, but GRPOConfig(beta=0.0) "
-                    "loads no reference model: set beta > 0 (e.g. 0.04) or use a label-free feedback signal"
+                    f"feedback {laser.selector.feedback_name!r} needs the reference model's log-probs, but GRPOConfig "
+                    "beta=0.0 loads no reference model: set beta > 0 (e.g. 0.04) or use a signal without log-probs"
                 )
-            laser.trainer = self
             callbacks = list(callbacks or [])
             if not any(getattr(cb, "laser", None) is laser for cb in callbacks):
                 callbacks.append(laser.callback())
+            laser.trainer = self
             self.laser = laser
             self._laser_prompt_ids = None
-            super().__init__(*args, reward_funcs=reward_funcs, callbacks=callbacks, **kwargs)
-            if laser.needs_logprobs and self.beta == 0.0:  # args=None: TRL's default config
-                raise ValueError(f"feedback {laser.selector.feedback_name!r} needs beta > 0 (reference log-probs); GRPOConfig has beta=0.0")
+            super().__init__(model, reward_funcs, args, callbacks=callbacks, **kwargs)
 
         def _generate(self, prompts):
             out = super()._generate(prompts)

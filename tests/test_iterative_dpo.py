@@ -307,3 +307,18 @@ def test_cli_iterative_dpo_rejects_bad_flags(tmp_path, saved_models, capsys):
     assert "needs an `answer`" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["iterative-dpo", "--policy", policy_dir, "--reward-models", rm_dir, "--data", str(tmp_path / "missing.jsonl")])
+
+
+def test_iterative_dpo_runs_without_openrlhf(tokenizer, causal_lm, monkeypatch):
+    """The DPO + NLL is laser_rl.feedback's: a training step needs neither OpenRLHF nor flash-attn."""
+    import sys
+
+    for package in ("openrlhf", "flash_attn"):
+        monkeypatch.setitem(sys.modules, package, None)  # importing it, or any of its submodules, now raises ImportError
+    policy, reference = copy.deepcopy(causal_lm), copy.deepcopy(causal_lm)
+    encoder = ContextEncoder(causal_lm.config.hidden_size)
+    selector = RewardSelector([NoisyArm(seed=1), NoisyArm(seed=2)], context_dim=encoder.dim)
+    torch.manual_seed(0)
+    result = iterative_dpo_step(policy, reference, tokenizer, selector, encoder, torch.optim.AdamW(policy.parameters(), lr=1e-3),
+                                RECORDS, _config(n_samples=2, max_new_tokens=3))
+    assert torch.isfinite(result.loss).all() and math.isfinite(result.metrics["train/grad_norm"])

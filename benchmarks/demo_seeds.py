@@ -213,7 +213,7 @@ def aggregate(runs: list[dict], reps: int = 4000) -> dict:
         before = np.array([[[per_method[methods[0]][s]["eval_before_correct"][d][:N] for d in domains] for s in seeds]], dtype=float)
         boot = bootstrap(cells, reps)
         point = np.concatenate([cells.mean(axis=(1, 3)), cells.mean(axis=(1, 2, 3))[:, None]], axis=1)  # [M, D + 1]
-        ref = methods.index(REFERENCE) if REFERENCE in methods else None
+        lasers = [j for j, m in enumerate(methods) if m.startswith("laser")]
         arms = first["arms"]
         ensemble_passes = np.mean([per_method["mean"][s]["result"]["rm_passes"] for s in seeds]) if "mean" in per_method else None
         rows = []
@@ -236,10 +236,11 @@ def aggregate(runs: list[dict], reps: int = 4000) -> dict:
                     d: {a: mean_ci([r["arm_counts"][d].get(a, 0) / max(sum(r["arm_counts"][d].values()), 1) for r in res]) for a in arms}
                     for d in domains
                 }
-            if ref is not None and i != ref:
-                diff = boot[:, i, -1] - boot[:, ref, -1]
-                d_lo, d_hi = np.percentile(diff, [2.5, 97.5])
-                row["diff_vs_laser"] = [float(point[i, -1] - point[ref, -1]), float(d_lo), float(d_hi)]
+            row["diff_vs"] = {}  # LASeR method -> [this minus it, 95% low, high] on mean accuracy, paired
+            for j in lasers:
+                if j != i:
+                    d_lo, d_hi = np.percentile(boot[:, i, -1] - boot[:, j, -1], [2.5, 97.5])
+                    row["diff_vs"][methods[j]] = [float(point[i, -1] - point[j, -1]), float(d_lo), float(d_hi)]
             rows.append(row)
         probe: dict[str, dict[str, list[float]]] = {}
         for s in seeds:
@@ -247,6 +248,7 @@ def aggregate(runs: list[dict], reps: int = 4000) -> dict:
                 for d, v in per.items():
                     probe.setdefault(arm, {}).setdefault(d, []).append(v if v is not None else math.nan)
         out[pool] = {
+            "lasers": [methods[j] for j in lasers],
             "seeds": seeds, "prompts_per_domain": N, "domains": domains, "arms": arms,
             "untrained_length": {d: mean_ci([per_method[methods[0]][s]["eval_before_length"][d] for s in seeds]) for d in domains},
             "untrained": {k: float(v) for k, v in zip(domains + ["mean"], list(before.mean(axis=(1, 3))[0]) + [float(before.mean())])},
@@ -275,9 +277,9 @@ def markdown(agg: dict, command: str = "") -> str:
         lines += [f"Command: `{command}`", ""]
     lines += [
         "Held-out accuracy: greedy answers after GRPO, scored by reasoning-gym, mean over seeds with a 95% bootstrap",
-        "interval (seeds resampled, then held-out prompts within each seed and domain). Δ vs LASeR: the method minus",
-        "LASeR-verifier on mean accuracy, paired (same seeds, same prompts, same resampling); an interval that",
-        "excludes 0 is a difference the data support. Only seeds every method finished are counted.",
+        "interval (seeds resampled, then held-out prompts within each seed and domain). Δ vs a LASeR method: the row's",
+        "method minus that LASeR on mean accuracy, paired (same seeds, same prompts, same resampling); an interval",
+        "that excludes 0 is a difference the data support. Only seeds every method finished are counted.",
         "",
     ]
     for pool, a in agg.items():
@@ -287,14 +289,20 @@ def markdown(agg: dict, command: str = "") -> str:
                   f"untrained policy: " + ", ".join(f"{k} {v:.3f}" for k, v in a["untrained"].items()), ""]
         if a["incomplete"]:
             lines += ["Runs of unfinished seeds (not counted): " + "; ".join(f"{m}: seeds {s}" for m, s in a["incomplete"].items()), ""]
-        lines.append("| method | " + " | ".join(doms) + " | mean | Δ vs LASeR (paired) | RM passes | vs ensemble | wall (s) | CPU (s) |")
-        lines.append("|---" * (len(doms) + 7) + "|")
+        lasers = a["lasers"]
+        lines.append("| method | " + " | ".join(doms) + " | mean | " + " | ".join(f"Δ vs {label(m)}" for m in lasers)
+                     + " | RM passes | vs ensemble | wall (s) | CPU (s) |")
+        lines.append("|---" * (len(doms) + 6 + len(lasers)) + "|")
         for r in a["methods"]:
             name = r["label"] + (f" ({', '.join(r['single_arms'])})" if r["single_arms"] else "")
-            diff = _ci(r["diff_vs_laser"]) if "diff_vs_laser" in r else "—"
+            diff = " | ".join(_ci(r["diff_vs"][m]) if m in r["diff_vs"] else "—" for m in lasers)
             ratio = f"{r['rm_passes_vs_ensemble']:.2f}" if r["rm_passes_vs_ensemble"] is not None else ""
             lines.append(f"| {name} | " + " | ".join(_ci(r["accuracy"][d]) for d in doms) + f" | {_ci(r['accuracy']['mean'])} | {diff} | "
                          f"{r['rm_passes'][0]:.0f} | {ratio} | {r['wall_time'][0]:.0f} | {r['cpu_time'][0]:.0f} |")
+        K = len(a["arms"])
+        lines += ["", f"RM passes against the mean ensemble's (issue 16's bound: 1/K + 0.10 = {1 / K + 0.1:.2f} with K = {K}): "
+                  + "; ".join(f"{r['label']} {r['rm_passes_vs_ensemble']:.2f}" for r in a["methods"]
+                              if r["method"].startswith("laser") and r["rm_passes_vs_ensemble"] is not None)]
         lines += ["", "Probe (each RM's pairwise agreement with the verifier on the untrained policy's samples, mean over seeds; 0.5 = blind):", "",
                   "| RM | " + " | ".join(doms) + " |", "|---" * (len(doms) + 1) + "|"]
         for arm, per in a["probe_accuracy"].items():

@@ -76,7 +76,7 @@ def test_study_runs_end_to_end_and_resumes(tmp_path, tiny_assets):
     for r in rows.values():
         m, lo, hi = r["accuracy"]["mean"]
         assert lo <= m + 1e-9 and m <= hi + 1e-9
-    assert "diff_vs_laser" in rows["mean"] and "diff_vs_laser" not in rows["laser-verifier"]
+    assert set(rows["mean"]["diff_vs"]) == {"laser-verifier"} and rows["laser-verifier"]["diff_vs"] == {}
     assert rows["mean"]["rm_passes_vs_ensemble"] == 1.0
     for ext in (".md", ".json", ".png"):
         assert os.path.getsize(out + ext) > 100

@@ -174,19 +174,21 @@ def states_equal(a, b) -> bool:
 
 
 def test_two_ranks_with_a_group_split_across_them_keep_identical_selectors(tmp_path):
+    build_causal_lm(build_tokenizer("bpe"), seed=0).save_pretrained(tmp_path / "policy")  # pair_loss's reference
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE / "trl_two_ranks.py"), str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    assert r0["world"] == r1["world"] == 2
-    assert states_equal(r0["state"], r1["state"])  # bandit, normalizer, RNG, step and RM-pass counts
-    assert r0["state"]["steps"] == 3 and r0["state"]["bandit"]["num_updates"] == 3
-    # 3 steps x 2 ranks x 3 completions, each scored once, on its own rank
-    assert sum(r0["calls"]) + sum(r1["calls"]) == 18 == r0["state"]["rm_passes_total"]
-    assert r0["logged_rm_passes"] == [6.0, 6.0, 6.0]  # summed over the ranks, not averaged
-    assert torch.equal(r0["last_arms"], r1["last_arms"])
+    for way in ("plain", "pair_loss"):
+        r0, r1 = (torch.load(tmp_path / f"{way}_rank{r}.pt", weights_only=False) for r in (0, 1))
+        assert r0["world"] == r1["world"] == 2
+        assert states_equal(r0["state"], r1["state"]), way  # bandit, normalizer, RNG, step and RM-pass counts
+        assert r0["state"]["steps"] == 3 and r0["state"]["bandit"]["num_updates"] == 3
+        # 3 steps x 2 ranks x 3 completions, each scored once, on its own rank
+        assert sum(r0["calls"]) + sum(r1["calls"]) == 18 == r0["state"]["rm_passes_total"]
+        assert r0["logged_rm_passes"] == [6.0, 6.0, 6.0]  # summed over the ranks, not averaged
+        assert torch.equal(r0["last_arms"], r1["last_arms"])
 
 
 # ----- the reward call on its own (no trainer): fast checks of each feedback path and error ---------------

@@ -295,3 +295,17 @@ def test_exploit_arms_changes_no_state(kw):
         assert (arms == 2).all()
     elif kw.get("baseline") == "sequential":
         assert torch.equal(arms, sel.select(X))  # the arm the next training batch gets
+
+
+def test_save_load_round_trip_and_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    laser = bound()
+    call(laser)
+    laser.save(str(tmp_path / "checkpoint-1"))
+    other = bound()
+    before = other.selector.state_dict()
+    with pytest.raises(FileNotFoundError, match=SELECTOR_FILE):
+        other.load(str(tmp_path / "nowhere"))
+    assert states_equal(before, other.selector.state_dict()) and other.loaded_from is None
+    other.load(str(tmp_path / "checkpoint-1"))
+    assert states_equal(laser.selector.state_dict(), other.selector.state_dict())
+    assert torch.equal(laser.encoder.projection, other.encoder.projection)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -141,7 +142,8 @@ def exploit_arms(selector: RewardSelector, contexts: Tensor, step: int = 0) -> T
     elif isinstance(bandit, Exp3):
         arms = bandit.probabilities().argmax().reshape(1).expand(contexts.shape[0])
     elif isinstance(bandit, UCB1):
-        means = torch.where(bandit.counts > 0, bandit.sums / bandit.counts.clamp_min(1e-12), torch.tensor(-math.inf, dtype=torch.float64))
+        untried = torch.tensor(-math.inf, dtype=torch.float64)
+        means = torch.where(bandit.counts > 0, bandit.sums / bandit.counts.clamp_min(1e-12), untried)
         arms = means.argmax().reshape(1).expand(contexts.shape[0])
     elif isinstance(bandit, FixedArm):
         arms = torch.full((contexts.shape[0],), bandit.arm, dtype=torch.long)
@@ -290,7 +292,17 @@ class LaserRewardFunction:
                 "does not hold with several ranks: use spread, verifier, majority or pair_loss there"
             )
         if world > 1 and self.selector.score_normalizer is not None:
-            raise ValueError("normalize_scores=True keeps per-rank running statistics; with several ranks build the selector without it")
+            raise ValueError(
+                "normalize_scores=True keeps per-rank running statistics; with several ranks build the selector without it"
+            )
+        policy_device = next(policy.parameters()).device
+        if _is_contextual(self.selector) and policy_device.type == "cuda" and self.selector.bandit.device.type != "cuda":
+            warnings.warn(
+                f"the policy is on {policy_device} but the selector's bandit on {self.selector.bandit.device}: build the "
+                "selector with bandit_kwargs={'device': 'cuda'} so its state stays on the GPU and backend='auto' takes the "
+                "Triton kernels (docs/kernels.md)",
+                stacklevel=2,
+            )
         self.policy, self.tokenizer = policy, tokenizer
         if num_generations_eval is not None:
             self.num_generations_eval = int(num_generations_eval)
@@ -319,7 +331,8 @@ class LaserRewardFunction:
         encoder_path = os.path.join(directory, ENCODER_FILE)
         if self.encoder is not None and os.path.isfile(encoder_path):
             encoder_state = torch.load(encoder_path, map_location="cpu", weights_only=True)
-            ContextEncoder(self.encoder.input_dim, self.encoder.proj_dim, self.encoder.normalize, self.encoder.bias).load_state_dict(encoder_state)
+            check = ContextEncoder(self.encoder.input_dim, self.encoder.proj_dim, self.encoder.normalize, self.encoder.bias)
+            check.load_state_dict(encoder_state)  # a mismatch raises here, before the selector changes
         self.selector.load(selector_path)
         if encoder_state is not None:
             self.encoder.load_state_dict(encoder_state)
@@ -447,7 +460,7 @@ class LaserRewardFunction:
                     for a, label in pairs
                 ])
             inputs["correct"] = correct.view(P, n)
-        if "response_lengths" in needed:
+        if "response_lengths" in needed and not self.needs_logprobs:  # LaserGRPOTrainer passes TRL's own lengths
             if completion_ids is None:
                 raise ValueError("feedback needs response lengths: TRL passed no completion_ids")
             lengths = torch.tensor([max(len(c), 1) for c in completion_ids], dtype=torch.float32)

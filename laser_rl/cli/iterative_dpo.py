@@ -71,8 +71,8 @@ def run(args: argparse.Namespace) -> dict:
         require(parser, ["peft"], "--lora-rank")
     require(parser, ["tensorboard"], "laser-rl iterative-dpo")
     records = load_records(args, "--data", args.data, ("prompt",))
-    if config.feedback == "verifier" and any(r.get("answer") is None for r in records):
-        parser.error("--feedback verifier needs an `answer` on every row of --data")
+    if config.feedback == "verifier" and all(r.get("answer") is None for r in records):
+        parser.error("--feedback verifier needs an `answer` on at least one row of --data (rows without one are skipped)")
     eval_records = load_records(args, "--eval-data", args.eval_data, ("prompt", "answer")) if args.eval_data else None
     return train(args, config, records, eval_records)
 

@@ -259,6 +259,10 @@ def test_binding_errors_name_what_to_change():
         make_laser(tokenizer).bind(policy, tokenizer, num_generations=N + 1)
     with pytest.raises(ValueError, match="encoder"):
         LaserRewardFunction(RewardSelector(rms(), context_dim=9), num_generations=N)
+    wrong_width = LaserRewardFunction(RewardSelector(rms(), context_dim=9), N, encoder=ContextEncoder(16, proj_dim=8))
+    with pytest.raises(ValueError, match="hidden_size is 32"):
+        wrong_width.bind(policy, tokenizer, num_generations=N)
+    assert wrong_width.policy is None  # nothing bound
     with pytest.raises(RuntimeError, match="callback"):
         make_laser(tokenizer)(["a", "a"], ["x", "y"])
 

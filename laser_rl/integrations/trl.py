@@ -43,7 +43,7 @@ from torch import Tensor
 
 from laser_rl.bandits import UCB1, Exp3, FixedArm, LinearBandit, RandomArm, RoundRobin
 from laser_rl.context import ContextEncoder
-from laser_rl.lm import pad, prefill
+from laser_rl.lm import hidden_size, pad, prefill
 from laser_rl.selector import ENSEMBLE, RewardSelector
 
 SELECTOR_FILE = "laser_selector.pt"  # written into every checkpoint-N/ beside TRL's files
@@ -205,7 +205,7 @@ class LaserRewardFunction:
     """A TRL reward function that scores each prompt's completions with the one RM the selector picks.
 
     selector: a RewardSelector (its RMs score text: (prompt, completion) with chat prompts reduced to the
-        last user message, see `_text`).
+        last user message, see `_prompt_text`).
     num_generations: TRL's `num_generations` (the group size n); must equal the trainer's.
     encoder: ContextEncoder over the policy's hidden size; required for contextual bandits (LinUCB, ...).
     label_column: dataset column passed to the RMs as `labels` (reference answers).
@@ -277,8 +277,8 @@ class LaserRewardFunction:
                 f"LaserRewardFunction(num_generations={self.num_generations}) but the trainer's num_generations is "
                 f"{num_generations}: they must match (the reward groups its completions by it)"
             )
-        hidden = getattr(getattr(policy, "config", None), "hidden_size", None)
-        if self.encoder is not None and hidden is not None and hidden != self.encoder.input_dim:
+        hidden = hidden_size(policy)
+        if self.encoder is not None and hidden != self.encoder.input_dim:
             raise ValueError(f"encoder.input_dim is {self.encoder.input_dim} but the policy's hidden_size is {hidden}")
         if self.needs_logprobs and self.trainer is None:
             raise ValueError(

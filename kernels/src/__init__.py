@@ -4,10 +4,13 @@
   K arms, fused so the B x K x d product never reaches device memory (scoring.py).
 - `linear_update`: every arm's A, A^-1 (Woodbury), b and theta updated with its rows of the batch, the d x d work for
   all arms in one launch (update.py).
-Each has a plain torch reference with the same signature (`score_select_torch`, `linear_update_torch`).
+Each has a plain torch reference with the same signature (`score_select_torch`, `linear_update_torch`): the core's own
+functions in laser_rl.bandits, re-exported here. Dependencies run one way, kernels -> core: laser_rl.bandits imports
+the Triton modules only inside its backend seam, when a bandit is built with them.
 
-The bandits pick the path with `backend="auto" | "triton" | "torch"`. The Triton modules are imported on first use
-(they need the triton package); set TRITON_INTERPRET=1 before that to run them on CPU tensors.
+The bandits pick the pair once, in `LinearBandit.__init__`, with `backend="auto" | "triton" | "torch"`. The Triton
+modules are imported on first use (they need the triton package); set TRITON_INTERPRET=1 before that to run them on
+CPU tensors. Tile loops shared by the kernels are `@triton.jit` helpers in tiles.py.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import rows_times_inverse
 from .utils import block, check_device, check_state, interpret_mode
 
 # Fixed when this module is imported, like the decorated kernels below (triton reads TRITON_INTERPRET then).
@@ -71,29 +72,12 @@ def _score_partials_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tn * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     m_mask = rm < B
     n_mask = rn < D
     a_base = A_ptr + arm.to(tl.int64) * D * D
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        kk = k0 + rk
-        k_mask = kk < D
-        x = tl.load(
-            X_ptr + rm[:, None] * stride_xb + kk[None, :] * stride_xd,
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        # A^-1 is symmetric, so the [k, n] tile is read as rows n, columns k: contiguous along the reduction axis,
-        # the layout that float32 tensor-core operands need (no transpose through shared memory). Any rounding
-        # asymmetry is harmless: x^T M x only sees the symmetric part of M.
-        a_t = tl.load(
-            a_base + rn[:, None] * D + kk[None, :],
-            mask=n_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(x, tl.trans(a_t), acc, input_precision=PRECISION)
+    acc = rows_times_inverse(
+        X_ptr, stride_xb, stride_xd, a_base, rm, rn, m_mask, n_mask, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION
+    )
 
     # Epilogue: (x A^-1)[:, n-tile] . x[n-tile], and the same tile's share of x . theta, in exact float32.
     x_n = tl.load(

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from laser_rl.bandits import spd_inverse
 
+from .tiles import rows_times_inverse
 from .utils import block, check_device, check_state, interpret_mode
 
 INTERPRETED = interpret_mode()
@@ -82,18 +83,10 @@ def _project_kernel(
     if arm >= 0:  # the grid is an upper bound on the tile count
         rm = row0 + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
         m_mask = rm < hi
         n_mask = rn < D
         a_base = A_ptr + arm.to(tl.int64) * D * D
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + rk
-            k_mask = kk < D
-            x = tl.load(X_ptr + rm[:, None] * D + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            # Symmetric A^-1: read the [k, n] tile as rows n, columns k (contiguous along the reduction axis).
-            a_t = tl.load(a_base + rn[:, None] * D + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(a_t), acc, input_precision=PRECISION)
+        acc = rows_times_inverse(X_ptr, D, 1, a_base, rm, rn, m_mask, n_mask, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         tl.store(U_ptr + rm[:, None] * D + rn[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -276,13 +269,17 @@ def linear_update(
     rewards: torch.Tensor,
     refresh: torch.Tensor,
     *,
+    floor: float | None = None,
     precision: str = UPDATE_PRECISION,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Add the rows X [B, d] (rewards [B]) to the arms `arms` [B]: A, A_inv, b, theta updated in place.
 
     refresh [K] bool: arms whose inverse is recomputed exactly (Cholesky) instead of by Woodbury; arms without a
-    row are untouched whatever their flag. Returns [K] bool: the arms whose inverse was recomputed exactly (flagged
-    ones, and those whose Woodbury factor was not positive definite). Same contract as `linear_update_torch`.
+    row are untouched whatever their flag. Returns two [K] bool masks: the arms whose inverse was recomputed
+    exactly (flagged ones, and those whose Woodbury factor was not positive definite), and the arms that needed a
+    repair (a failed Woodbury factor, or an A that `spd_inverse` repaired; floor is its eigenvalue floor). Same
+    contract as `linear_update_torch`, except that the state is written as the kernels run: every check comes
+    first, and nothing after them raises.
     """
     K, d = check_state(theta, A_inv)
     for name, t, shape in (("A", A, (K, d, d)), ("b", b, (K, d))):
@@ -298,7 +295,7 @@ def linear_update(
     check_device(A, A_inv, b, theta, X, arms, rewards, refresh, interpreted=INTERPRETED)
     nr, dev = X.shape[0], X.device
     if nr == 0:
-        return torch.zeros(K, dtype=torch.bool, device=dev)
+        return torch.zeros(K, dtype=torch.bool, device=dev), torch.zeros(K, dtype=torch.bool, device=dev)
 
     # Rows grouped by arm (a stable sort keeps the batch order inside an arm, as the core's boolean mask does).
     arms = arms.long()
@@ -354,7 +351,11 @@ def linear_update(
     # refreshes (rare), and arms whose Woodbury factor was not positive definite (A^-1 drifted indefinite; the
     # core's woodbury_update does the same). Their theta from the kernel above is replaced.
     redo = exact | failed
-    for k in redo.nonzero().flatten().tolist():
-        A_inv[k] = spd_inverse(A[k])
-        theta[k] = A_inv[k] @ b[k]
-    return redo
+    exact_host, failed_host = torch.stack([exact, failed]).tolist()  # the one host sync after the launches
+    repaired = failed_host
+    for k in range(K):
+        if exact_host[k] or failed_host[k]:
+            A_inv[k], fixed = spd_inverse(A[k], floor)
+            theta[k] = A_inv[k] @ b[k]
+            repaired[k] = repaired[k] or fixed
+    return redo, torch.tensor(repaired, dtype=torch.bool, device=dev)

@@ -8,8 +8,8 @@
 # The lent machines (nvidia-h100-x1, nvidia-h200) have python3 with torch, triton, transformers, tokenizers and
 # pytest, and no network: laser-rl is installed without dependencies or a build-isolation download. It then
 #   1. records the card and versions                            -> $OUT/env.txt
-#   2. runs tests/test_kernels.py compiled on CUDA (no interpreter; tf32 checked at 1e-3, the rest at 1e-4)
-#                                                                -> $OUT/test_kernels.log
+#   2. runs tests/test_kernels_*.py (one file per kernel) compiled on CUDA (no interpreter; tf32 checked at 1e-3,
+#      the rest at 1e-4), and tests/test_bandit_reliability.py   -> $OUT/test_kernels.log
 #   3. profiles linear_update and one LinUCB step at the step target's shape (torch.profiler tables)
 #                                                                -> $OUT/profile.txt
 #   4. runs benchmarks/kernels.py, the targets' shapes first, tables rewritten after every shape
@@ -39,8 +39,9 @@ if ! $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OU
 fi
 $PY -c "import laser_rl.kernels as k; print('laser_rl.kernels from', k.__file__)" | tee -a "$OUT/env.txt"
 
-echo "== tests/test_kernels.py on CUDA"
-timeout 240 $PY -m pytest -q -s -p no:cacheprovider tests/test_kernels.py > "$OUT/test_kernels.log" 2>&1
+echo "== tests/test_kernels_*.py and tests/test_bandit_reliability.py on CUDA"
+timeout 240 $PY -m pytest -q -s -rs -p no:cacheprovider tests/test_kernels_*.py tests/test_bandit_reliability.py \
+  > "$OUT/test_kernels.log" 2>&1
 test_rc=$?
 grep -E "passed|failed|error" "$OUT/test_kernels.log" | tail -3
 # the largest relative errors the tests printed, per kernel and precision

@@ -341,7 +341,7 @@ def main() -> None:
     elif not torch.cuda.is_available():
         sys.exit(
             "benchmarks/kernels.py times the Triton kernels on a CUDA GPU, and this machine has none. On the CPU "
-            "the kernels only run under TRITON_INTERPRET=1, for correctness: pytest tests/test_kernels.py"
+            "the kernels only run under TRITON_INTERPRET=1, for correctness: pytest tests/test_kernels_*.py"
         )
     try:
         import triton

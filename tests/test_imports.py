@@ -16,16 +16,6 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCES = {"laser_rl": ROOT / "laser_rl", "laser_rl.kernels": ROOT / "kernels" / "src"}
 
-# Cycles through lazy imports that are known and owned elsewhere: frozenset of modules -> why it is still there.
-# The test fails when one of them is gone, so the entry is removed with the fix.
-KNOWN_LAZY_CYCLES = {
-    frozenset({"laser_rl.bandits", "laser_rl.kernels.update"}): (
-        "bandits imports the Triton update lazily, and kernels/src/update.py imports bandits.spd_inverse; "
-        "issue 15 item 4 (one backend seam: kernels -> core only)"
-    ),
-}
-
-
 def module_files() -> dict[str, pathlib.Path]:
     """Dotted module name -> source file, for every module of the installed package."""
     modules = {}
@@ -136,12 +126,9 @@ def test_module_level_imports_have_no_cycle():
     assert not found, "import cycles at module level: " + " | ".join(_describe(c, GRAPH) for c in found)
 
 
-def test_no_cycle_through_lazy_imports_beyond_the_known_ones():
-    found = set(cycles(GRAPH))
-    new = found - set(KNOWN_LAZY_CYCLES)
-    assert not new, "import cycles (lazy imports included): " + " | ".join(_describe(c, GRAPH) for c in new)
-    fixed = set(KNOWN_LAZY_CYCLES) - found
-    assert not fixed, f"these cycles are gone: remove them from KNOWN_LAZY_CYCLES: {[sorted(c) for c in fixed]}"
+def test_no_cycle_through_lazy_imports_either():
+    found = cycles(GRAPH)
+    assert not found, "import cycles (lazy imports included): " + " | ".join(_describe(c, GRAPH) for c in found)
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

@@ -303,7 +303,7 @@ def test_cli_iterative_dpo_rejects_bad_flags(tmp_path, saved_models, capsys):
         main(["iterative-dpo", "--policy", policy_dir, "--reward-models", rm_dir, "--data", data, "--n", "1"])
     assert "--n must be >= 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["iterative-dpo", "--policy", policy_dir, "--reward-models", rm_dir, "--data", data, "--feedback", "verifier"])
+        main(["iterative-dpo", "--policy", policy_dir, "--reward-models", rm_dir, "noise", "--data", data, "--feedback", "verifier"])
     assert "needs an `answer`" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["iterative-dpo", "--policy", policy_dir, "--reward-models", rm_dir, "--data", str(tmp_path / "missing.jsonl")])

@@ -1,34 +1,64 @@
-"""Replay the demo's bandit on logged rollouts: which LinUCB settings find each domain's best RM?
+"""Replay the demo's bandit on logged rollouts: which feedback signal and LinUCB setting find each domain's best RM?
 
-A demo run takes minutes, so its bandit settings cannot be tuned by running it many times. Instead:
-  1. log once: the untrained SmolLM2 answers `--prompts` training prompts per domain (8 samples each); every
-     arm scores every sample; reasoning-gym's verifier labels them (cached in `--log`, ~6 min on 2 cores);
-  2. replay: for each setting and seed, the demo's selection loop (same RewardSelector, ContextEncoder,
-     context centering, verifier feedback, 2 prompts per domain per step) runs on the logged data, and we
-     count how often the arm chosen most after warm-up is the most accurate one on every domain (or tied
-     with it within two standard errors, as the demo reports), and how often the noise arm gets >= 10%.
+A demo run takes minutes, so its bandit cannot be tuned by running it many times. Instead:
+  1. log once per sample seed (`--sample-seed`; a new seed is a new log): the untrained SmolLM2 answers
+     `--prompts` training prompts per domain (8 samples each), and we keep everything any feedback signal
+     needs: every RM's scores, the policy's and the reference's sequence log-probs and response lengths
+     (the same model before training), the extracted final answers and reasoning-gym's labels;
+  2. replay: for each signal, setting and seed, the demo's selection loop (the same RewardSelector, whose
+     score() looks the logged scores up, so consensus audits run the real code path; ContextEncoder; context
+     centering; 2 prompts per domain per step) runs on the log, and we count how often the arm chosen most
+     after warm-up is the most accurate one on every domain (or tied with it within two standard errors, as
+     the demo reports: `best_rm`), the noise arm's share, and the RM passes per sample.
 
-    python benchmarks/demo_bandit_replay.py [--seeds 60 --steps 32 --log laser_runs/replay_log.pt]
+    python benchmarks/demo_bandit_replay.py --feedback all --seeds 60 --json benchmarks/results/replay_seed0.json
+    python benchmarks/demo_bandit_replay.py --feedback consensus --sample-seed 1
 
-The policy does not train during a replay (the demo's does), so this measures the bandit, not GRPO.
+The policy does not train during a replay (the demo's does), so this measures the bandit, not GRPO. In
+particular the policy equals the reference here, so the DPO term of `pair_loss` is the constant log 2:
+the replay measures its NLL term (and a DPO-only variant is uninformative by construction).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from laser_rl.arms import RuleArm
 from laser_rl.context import ContextEncoder
-from laser_rl.demo.grpo import sample
-from laser_rl.demo.run import DemoAssets, DemoConfig, label_and_score, tied_with_best
-from laser_rl.demo.tasks import DOMAINS
-from laser_rl.feedback import verifier_agreement
-from laser_rl.selector import RewardSelector
+from laser_rl.feedback import LABEL_FREE, verifier_agreement
 
+DOMAINS = ("arithmetic", "word", "logic")  # laser_rl.demo.tasks.DOMAINS, without importing the demo for a replay
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One replayed feedback configuration: a selector signal plus what the replay hides or adds."""
+
+    name: str  # the row's label
+    feedback: str  # the selector's signal
+    options: dict = field(default_factory=dict)  # feedback_kwargs
+    audit_fraction: float = 0.0
+    labeled_fraction: float = 1.0  # verifier: share of prompts whose labels the bandit may see
+
+
+SIGNALS = {
+    "verifier": Signal("verifier", "verifier"),
+    "verifier_25": Signal("verifier_25", "verifier", labeled_fraction=0.25),
+    "pair_loss": Signal("pair_loss", "pair_loss"),
+    "pair_loss_dpo_only": Signal("pair_loss_dpo_only", "pair_loss", {"nll_weight": 0.0}),
+    "spread": Signal("spread", "spread"),
+    "majority": Signal("majority", "majority"),
+    "consensus": Signal("consensus", "consensus", audit_fraction=0.1),
+    "consensus_20": Signal("consensus_20", "consensus", audit_fraction=0.2),
+    "consensus_loo": Signal("consensus_loo", "consensus", {"leave_one_out": True}, audit_fraction=0.1),
+}
 SETTINGS = [  # (alpha, lam)
     (0.1, 1.0),  # the paper's code
     (0.2, 0.1),  # this demo's first default
@@ -39,89 +69,214 @@ SETTINGS = [  # (alpha, lam)
     (1.0, 1.0),
     (0.6, 0.3),
 ]
+# The setting the docs recommend where no labels exist. Chosen on sample seed 0's log, then checked on seed 1's
+# (docs/feedback.md); fixed here before seed 1's numbers were seen.
+RECOMMENDED = ("consensus", 0.6, 1.0)
 
 
-def collect(path: str, prompts: int, n: int = 8, chunk: int = 24) -> dict:
+def log_path(sample_seed: int) -> str:
+    return f"laser_runs/replay_log_seed{sample_seed}.pt"
+
+
+def collect(path: str, prompts: int, sample_seed: int, n: int = 8, chunk: int = 24) -> dict:
+    """Sample the untrained policy on the training prompts and log everything each signal needs."""
+    from laser_rl.demo.grpo import sample
+    from laser_rl.demo.run import DemoAssets, DemoConfig, label_and_score
+    from laser_rl.lm import sequence_logprobs
+
     config = DemoConfig(train_per_domain=prompts)
     assets = DemoAssets(config, verbose=True)
-    torch.manual_seed(0)
+    torch.manual_seed(sample_seed)
     log = {}
     for domain in DOMAINS:
         tasks = assets.tasks.train[domain][:prompts]
-        hidden, correct, scores = [], [], {a.name: [] for a in assets.arm_list}
-        for start in tqdm(range(0, len(tasks), chunk), desc=f"logging {domain}"):
+        parts = {"hidden": [], "correct": [], "logps": [], "lengths": []}
+        answers: list[list] = []
+        scores = {a.name: [] for a in assets.arm_list}
+        for start in tqdm(range(0, len(tasks), chunk), desc=f"logging {domain} (sample seed {sample_seed})"):
             part = tasks[start : start + chunk]
             rollout = sample(assets.reference, assets.tokenizer, [t.prompt for t in part], n, config.max_new_tokens, config.temperature)
             labels, arm_scores = label_and_score(part, rollout, assets.arm_list)
-            hidden.append(rollout.context_hidden)
-            correct.append(labels)
+            with torch.no_grad():
+                logps, lengths = sequence_logprobs(assets.reference, rollout)
+            parts["hidden"].append(rollout.context_hidden)
+            parts["correct"].append(labels)
+            parts["logps"].append(logps.reshape(-1, n).float())
+            parts["lengths"].append(lengths.reshape(-1, n).clamp(min=1).float())
+            answers += [[t.extract_answer(r) for r in group] for t, group in zip(part, rollout.grouped())]
             for name, s in arm_scores.items():
                 scores[name].append(s)
-        log[domain] = {"hidden": torch.cat(hidden), "correct": torch.cat(correct), "scores": {k: torch.cat(v) for k, v in scores.items()}}
+        log[domain] = {k: torch.cat(v) for k, v in parts.items()} | {
+            "answers": answers,
+            "scores": {k: torch.cat(v) for k, v in scores.items()},
+        }
+    log["_meta"] = {"sample_seed": sample_seed, "prompts": prompts, "n": n}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(log, path)
     return log
 
 
-def replay(log: dict, alpha: float, lam: float, seed: int, steps: int, per_domain: int = 2, warmup: float = 0.25):
-    """Arm counts per domain after warm-up for one replayed run."""
+def load_log(path: str) -> dict:
+    return torch.load(path, weights_only=False)  # our own file, written by collect()
+
+
+def lookup_rms(log: dict, names: list[str]) -> list[RuleArm]:
+    """One RM per logged arm, answering from the log: prompt text "domain|row", response text "sample index"."""
+
+    def rm(name):
+        def score(prompts, responses, labels):
+            out = []
+            for p, r in zip(prompts, responses):
+                domain, row = p.split("|")
+                out.append(float(log[domain]["scores"][name][int(row), int(r)]))
+            return out
+
+        return RuleArm(score, name=name)
+
+    return [rm(name) for name in names]
+
+
+def replay(log: dict, signal: Signal, alpha: float, lam: float, seed: int, steps: int, per_domain: int = 2,
+           warmup: float = 0.25) -> tuple[list[str], dict[str, torch.Tensor], float]:
+    """Arm counts per domain after warm-up, and RM passes per sample, for one replayed run."""
+    from laser_rl.selector import RewardSelector
+
     names = list(log[DOMAINS[0]]["scores"])
+    n = log[DOMAINS[0]]["correct"].shape[1]
     hidden_size = log[DOMAINS[0]]["hidden"].shape[1]
     center = torch.cat([log[d]["hidden"][:16] for d in DOMAINS]).mean(0)  # as the demo's probe sets it
     encoder = ContextEncoder(hidden_size, proj_dim=16, seed=seed)
-    arms = [RuleArm(lambda p, r, l: [0.0] * len(p), name=name) for name in names]
-    selector = RewardSelector(arms, context_dim=encoder.dim, alpha=alpha, lam=lam, feedback="verifier", seed=seed)
+    selector = RewardSelector(lookup_rms(log, names), context_dim=encoder.dim, alpha=alpha, lam=lam, feedback=signal.feedback,
+                              feedback_kwargs=signal.options or None, audit_fraction=signal.audit_fraction, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     orders = {d: torch.randperm(log[d]["hidden"].shape[0], generator=gen) for d in DOMAINS}
+    # Partial labels: the same fixed subset of prompts is labeled for the whole run.
+    labeled = {d: torch.rand(log[d]["hidden"].shape[0], generator=gen) < signal.labeled_fraction for d in DOMAINS}
     counts = {d: torch.zeros(len(names)) for d in DOMAINS}
+    samples = 0
     for step in range(steps):
         rows = [(d, int(orders[d][(step * per_domain + j) % len(orders[d])])) for d in DOMAINS for j in range(per_domain)]
         contexts = encoder(torch.stack([log[d]["hidden"][i] for d, i in rows]) - center)
         chosen = selector.select(contexts, [d for d, _ in rows])
-        scores = torch.stack([log[d]["scores"][names[int(k)]][i] for (d, i), k in zip(rows, chosen)])
-        correct = torch.stack([log[d]["correct"][i] for d, i in rows])
-        selector.feedback(contexts, chosen, scores=scores, correct=correct)
+        prompts = [f"{d}|{i}" for d, i in rows for _ in range(n)]
+        scores = selector.score(prompts, [str(j) for _ in rows for j in range(n)], chosen.repeat_interleave(n))
+        correct = torch.stack([log[d]["correct"][i].float() if labeled[d][i] else torch.full((n,), math.nan) for d, i in rows])
+        selector.feedback(
+            contexts, chosen,
+            scores=scores.view(len(rows), n),
+            correct=correct,
+            answers=[log[d]["answers"][i] for d, i in rows],
+            policy_logps=torch.stack([log[d]["logps"][i] for d, i in rows]),
+            ref_logps=torch.stack([log[d]["logps"][i] for d, i in rows]),
+            response_lengths=torch.stack([log[d]["lengths"][i] for d, i in rows]),
+        )
+        samples += len(prompts)
         if step >= int(steps * warmup):
             for (d, _), k in zip(rows, chosen):
                 counts[d][int(k)] += 1
-    return names, counts
+    return names, counts, selector.rm_passes_total / samples
 
 
-def main() -> None:
+def arm_accuracy(log: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """domain -> arm -> per-prompt pairwise agreement with the verifier on the logged samples."""
+    return {d: {k: verifier_agreement(v, log[d]["correct"]) for k, v in log[d]["scores"].items()} for d in DOMAINS}
+
+
+def evaluate(log: dict, signal: Signal, alpha: float, lam: float, seeds: int, steps: int, ties: dict) -> dict:
+    found, both, noise, passes = 0, 0, [], []
+    for seed in range(seeds):
+        names, counts, per_sample = replay(log, signal, alpha, lam, seed, steps)
+        chosen = {d: names[int(c.argmax())] for d, c in counts.items()}
+        ok = all(chosen[d] in ties[d] for d in DOMAINS)
+        total = sum(c.sum() for c in counts.values())
+        share = float(sum(c[names.index("noise")] for c in counts.values()) / total) if "noise" in names else 0.0
+        found += ok
+        both += ok and share < 0.10
+        noise.append(share)
+        passes.append(per_sample)
+    return {
+        "feedback": signal.name,
+        "signal": signal.feedback,
+        "options": dict(signal.options),
+        "audit_fraction": signal.audit_fraction,
+        "labeled_fraction": signal.labeled_fraction,
+        "label_free": signal.feedback in LABEL_FREE,
+        "default": (signal.name, alpha, lam) == RECOMMENDED,
+        "alpha": alpha,
+        "lam": lam,
+        "best_rm": found / seeds,
+        "noise_share": sum(noise) / seeds,
+        "both": both / seeds,
+        "rm_passes_per_sample": sum(passes) / seeds,
+        "seeds": seeds,
+        "steps": steps,
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'feedback':<20}{'label-free':>11}{'alpha':>7}{'lam':>6}{'best_rm':>9}{'noise':>8}{'both':>7}{'RM passes/sample':>18}"
+    lines = [head]
+    for r in rows:
+        mark = "  <- recommended" if r["default"] else ""
+        lines.append(
+            f"{r['feedback']:<20}{'yes' if r['label_free'] else 'no':>11}{r['alpha']:>7.2f}{r['lam']:>6.2f}{r['best_rm']:>9.2f}"
+            f"{r['noise_share']:>8.3f}{r['both']:>7.2f}{r['rm_passes_per_sample']:>18.2f}{mark}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--log", default="laser_runs/replay_log.pt")
+    parser.add_argument("--feedback", default="all", help=f"a signal ({', '.join(SIGNALS)}) or 'all'")
+    parser.add_argument("--sample-seed", type=int, default=0, help="seed of the logged rollouts (a new seed is a new log)")
+    parser.add_argument("--log", default=None, help="the log file (default laser_runs/replay_log_seed<S>.pt)")
     parser.add_argument("--prompts", type=int, default=96, help="logged prompts per domain")
     parser.add_argument("--seeds", type=int, default=60)
     parser.add_argument("--steps", type=int, default=32)
-    args = parser.parse_args()
+    parser.add_argument("--settings", default="all", help="'all' (the grid) or 'alpha,lam' for one setting")
+    parser.add_argument("--json", default=None, help="write the rows here")
+    args = parser.parse_args(argv)
+    if args.feedback != "all" and args.feedback not in SIGNALS:
+        parser.error(f"--feedback must be one of {', '.join(SIGNALS)} or all, got {args.feedback!r}")
+    for flag in ("seeds", "steps", "prompts"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    settings = SETTINGS
+    if args.settings != "all":
+        try:
+            alpha, lam = (float(x) for x in args.settings.split(","))
+        except ValueError:
+            parser.error(f"--settings takes 'all' or 'alpha,lam', got {args.settings!r}")
+        if not (math.isfinite(alpha) and math.isfinite(lam) and alpha >= 0 and lam > 0):
+            parser.error(f"--settings needs finite alpha >= 0 and lam > 0, got {args.settings!r}")
+        settings = [(alpha, lam)]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
-    log = torch.load(args.log, weights_only=False) if os.path.exists(args.log) else collect(args.log, args.prompts)
-    agreement = {d: {k: verifier_agreement(v, log[d]["correct"]) for k, v in log[d]["scores"].items()} for d in DOMAINS}
+    path = args.log or log_path(args.sample_seed)
+    log = load_log(path) if os.path.exists(path) else collect(path, args.prompts, args.sample_seed)
+    agreement = arm_accuracy(log)
+    from laser_rl.demo.run import tied_with_best
+
     ties = tied_with_best(agreement)
-    print(f"logged: {log[DOMAINS[0]]['hidden'].shape[0]} prompts per domain x 8 samples of the untrained policy")
+    print(f"log {path}: {log[DOMAINS[0]]['hidden'].shape[0]} prompts per domain x {log[DOMAINS[0]]['correct'].shape[1]} samples")
     for d in DOMAINS:
-        mixed = int(torch.isfinite(agreement[d]["noise"]).sum()) if "noise" in agreement[d] else "?"
         accs = ", ".join(f"{k} {float(v.nanmean()):.2f}" for k, v in agreement[d].items())
+        mixed = int(torch.isfinite(next(iter(agreement[d].values()))).sum())
         print(f"  {d:<10} accuracy {accs}; best (with ties) {ties[d]}; prompts with mixed labels {mixed}")
-    print(f"\n{args.seeds} seeds x {args.steps} steps x 6 prompts; best RM = most chosen after warm-up is the most accurate (or tied) on every domain")
-    print(f"{'alpha':>6} {'lam':>5} {'best RM':>8} {'noise share':>12} {'runs noise>=0.10':>17} {'both criteria':>14}")
-    for alpha, lam in SETTINGS:
-        ok, both, noise = 0, 0, []
-        for seed in range(args.seeds):
-            names, counts = replay(log, alpha, lam, seed, args.steps)
-            chosen = {d: names[int(c.argmax())] for d, c in counts.items()}
-            found = all(chosen[d] in ties[d] for d in DOMAINS)
-            total = sum(c.sum() for c in counts.values())
-            noise.append(float(sum(c[names.index("noise")] for c in counts.values()) / total) if "noise" in names else 0.0)
-            ok += found
-            both += found and noise[-1] < 0.10
-        noise_t = torch.tensor(noise)
-        print(
-            f"{alpha:>6.2f} {lam:>5.2f} {ok / args.seeds:>8.2f} {noise_t.mean():>12.3f} "
-            f"{(noise_t >= 0.10).float().mean():>17.2f} {both / args.seeds:>14.2f}"
-        )
+    signals = list(SIGNALS.values()) if args.feedback == "all" else [SIGNALS[args.feedback]]
+    rows = []
+    jobs = [(s, a, l) for s in signals for a, l in settings]
+    for signal, alpha, lam in tqdm(jobs, desc="replaying", unit="setting"):
+        rows.append(evaluate(log, signal, alpha, lam, args.seeds, args.steps, ties))
+    print(f"\n{args.seeds} seeds x {args.steps} steps x 6 prompts; best_rm = most chosen after warm-up is the most accurate "
+          "(or tied) on every domain; both = that and noise share < 0.10")
+    print(format_table(rows))
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump([r | {"sample_seed": args.sample_seed} for r in rows], f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":

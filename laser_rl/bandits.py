@@ -277,6 +277,8 @@ class LinearBandit(Bandit):
 
         bf16 hidden states stay bf16 here: the Triton kernels upcast as they load, the torch functions convert.
         """
+        if not X.is_floating_point():  # integer contexts: as the statistics' dtype
+            X = X.to(self.dtype)
         norms = torch.linalg.vector_norm(X, dim=1, dtype=torch.float64)  # float64: a float32 norm overflows at 1e19
         scale = (self.max_norm / norms).clamp(max=1.0)  # exactly 1 for every row within max_norm: those stay bit for bit
         return X * scale[:, None].to(X.dtype), scale < 1.0

@@ -305,6 +305,13 @@ def test_huge_finite_contexts_are_scaled_to_max_norm(scale):
     assert a.clipped_rows == 4 and b.clipped_rows == 0
 
 
+def test_integer_contexts_are_taken_as_numbers():
+    bandit = LinUCB(K, D, dtype=torch.float64)
+    X = torch.arange(2 * D).reshape(2, D)
+    bandit.update(X, bandit.select(X), torch.zeros(2))
+    assert torch.equal(bandit.counts.sum(), torch.tensor(2)) and bandit.A.dtype == torch.float64
+
+
 def test_rows_within_max_norm_are_left_bit_for_bit():
     X = torch.randn(5, D) * 1e5  # norms ~2e5 < 1e6
     assert torch.equal(LinUCB(K, D)._clip(X)[0], X)

@@ -57,7 +57,8 @@ SIGNALS = {
     "majority": Signal("majority", "majority"),
     "consensus": Signal("consensus", "consensus", audit_fraction=0.1),
     "consensus_20": Signal("consensus_20", "consensus", audit_fraction=0.2),
-    "consensus_loo": Signal("consensus_loo", "consensus", {"leave_one_out": True}, audit_fraction=0.1),
+    "consensus_loo": Signal("consensus_loo", "consensus", {"method": "leave_one_out"}, audit_fraction=0.1),
+    "consensus_dis": Signal("consensus_dis", "consensus", {"method": "disattenuated"}, audit_fraction=0.1),
 }
 SETTINGS = [  # (alpha, lam)
     (0.1, 1.0),  # the paper's code

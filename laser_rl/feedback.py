@@ -265,21 +265,43 @@ def agreement_with_truth(scores: Tensor, truth: Tensor) -> Tensor:
     return torch.where(total > 1e-9, acc, torch.full_like(acc, float("nan")))
 
 
-def consensus_agreement(audit_scores: Tensor, loadings: Tensor | None = None, leave_one_out: bool = False) -> Tensor:
-    """Every RM's bandit reward on audited prompts, [P, K]: agreement of its ranking with the consensus.
+CONSENSUS_METHODS = ("weighted", "leave_one_out", "disattenuated")
 
-    audit_scores [P, K, n]: every RM's scores of each audited prompt's n samples. By default the truth
-    estimate uses all K RMs (so a reliable RM's own vote counts, weighted by its reliability): with only
-    two informative RMs on a domain, a leave-one-out estimate rewards both equally (agreement is
-    symmetric), and the replay measured it picking the worse one (docs/feedback.md).
+
+def consensus_agreement(audit_scores: Tensor, loadings: Tensor | None = None, method: str = "weighted") -> Tensor:
+    """Every RM's bandit reward on audited prompts, [P, K]: how well its ranking agrees with the consensus.
+
+    audit_scores [P, K, n]: every RM's scores of each audited prompt's n samples. Methods:
+    - "weighted": pairwise agreement with the truth estimate from all K RMs (a reliable RM's own vote counts,
+      weighted by its reliability);
+    - "leave_one_out": agreement with the estimate from the other RMs. With only two informative RMs on a
+      domain this is symmetric (each is scored by the other) and cannot tell them apart;
+    - "disattenuated": the within-prompt correlation of the RM's z-scores with the leave-one-out estimate,
+      divided by that estimate's correlation with the truth under the factor model, sqrt(S / (1 + S)) with
+      S = sum w_l^2 / (1 - w_l^2) over the other RMs (Spearman's correction for attenuation): an estimate of
+      the RM's own correlation with the truth on this prompt, without its own noise in the reference.
     """
+    if method not in CONSENSUS_METHODS:
+        raise ValueError(f"unknown consensus method {method!r}; choose one of {CONSENSUS_METHODS}")
     z, _ = standardize_groups(audit_scores)
     K = z.shape[1]
-    if leave_one_out:
-        cols = [agreement_with_truth(z[:, k], consensus_truth(z, loadings, exclude=k)) for k in range(K)]
-    else:
+    if method == "weighted":
         truth = consensus_truth(z, loadings)
-        cols = [agreement_with_truth(z[:, k], truth) for k in range(K)]
+        return torch.stack([agreement_with_truth(z[:, k], truth) for k in range(K)], dim=1)
+    cols = []
+    for k in range(K):
+        truth = consensus_truth(z, loadings, exclude=k)
+        if method == "leave_one_out":
+            cols.append(agreement_with_truth(z[:, k], truth))
+            continue
+        centered = truth - truth.mean(dim=1, keepdim=True)
+        norm = centered.pow(2).mean(dim=1).sqrt()
+        corr = (z[:, k] * centered).mean(dim=1) / norm.clamp_min(1e-12)  # z_k has unit variance (or is 0: blind)
+        if loadings is not None:
+            others = torch.cat([loadings[:k], loadings[k + 1 :]])
+            S = float((others.pow(2) / (1 - others.pow(2)).clamp_min(0.05)).sum())
+            corr = corr / max(math.sqrt(S / (1 + S)), 0.1)
+        cols.append(torch.where(norm > 1e-9, corr, torch.full_like(corr, float("nan"))))
     return torch.stack(cols, dim=1)
 
 
@@ -295,7 +317,7 @@ class ConsensusEstimator:
         self.z: list[Tensor] = []  # per audited prompt, [K, n]
         self.varies: list[Tensor] = []  # per audited prompt, [K]
 
-    def rewards(self, audit_scores: Tensor, leave_one_out: bool = False) -> tuple[Tensor, Tensor | None, tuple]:
+    def rewards(self, audit_scores: Tensor, method: str = "weighted") -> tuple[Tensor, Tensor | None, tuple]:
         """([P, K] rewards, loadings, new window) for a batch of audits, fitted on the window plus this batch.
 
         Nothing changes here: the caller commits the new window with `commit` once nothing else can fail.
@@ -305,7 +327,7 @@ class ConsensusEstimator:
             raise ValueError(f"audit_scores has {z.shape[1]} reward models, this estimator {self.num_rms}")
         window = ((self.z + list(z.unbind(0)))[-self.window :], (self.varies + list(varies.unbind(0)))[-self.window :])
         loadings = self._fit(*window)
-        return consensus_agreement(audit_scores, loadings, leave_one_out), loadings, window
+        return consensus_agreement(audit_scores, loadings, method), loadings, window
 
     def commit(self, window: tuple) -> None:
         self.z, self.varies = list(window[0]), list(window[1])
@@ -353,7 +375,7 @@ FEEDBACK_SIGNALS: dict[str, FeedbackSignal] = {
     "spread": FeedbackSignal(score_spread, ("scores",)),
     "majority": FeedbackSignal(majority_agreement, ("scores", "answers"), ("min_share",)),
     # The selector supplies audit_scores itself (select/score audit a fraction of prompts with every RM).
-    "consensus": FeedbackSignal(consensus_agreement, ("audit_scores",), ("leave_one_out", "window", "min_prompts")),
+    "consensus": FeedbackSignal(consensus_agreement, ("audit_scores",), ("method", "window", "min_prompts")),
 }
 LABEL_FREE = tuple(name for name, signal in FEEDBACK_SIGNALS.items() if signal.reads_labels is None)
 # Every input name a caller may pass to RewardSelector.feedback.

@@ -443,7 +443,7 @@ class RewardSelector:
         raw = torch.full((P,), math.nan)
         if len(rows) == 0 or audit_scores.shape[2] < 2:
             return raw, None, None
-        options = {k: v for k, v in self.feedback_kwargs.items() if k == "leave_one_out"}
+        options = {k: v for k, v in self.feedback_kwargs.items() if k == "method"}
         rewards, _, window = self.consensus.rewards(audit_scores[rows], **options)  # [A, K]
         chosen = arms[rows]
         raw[rows] = rewards.gather(1, chosen.unsqueeze(1)).squeeze(1)
@@ -621,7 +621,7 @@ class RewardSelector:
 def selector_from_flags(rms: Sequence, flags, context_dim: int | None = None) -> RewardSelector:
     """The one translation from a flag namespace (argparse Namespace, dataclass or dict) to a RewardSelector.
 
-    Field names equal RewardSelector's keywords; `beta` (and `nll_weight`, `min_share`, `leave_one_out`)
+    Field names equal RewardSelector's keywords; `beta` (and `nll_weight`, `min_share`, `method`)
     become feedback options of the signals that take them. Absent fields keep RewardSelector's defaults;
     fields RewardSelector does not know are ignored (a CLI namespace holds other flags too).
     """

@@ -331,3 +331,17 @@ def test_quantile_normalizer_validates():
     with pytest.raises(ValueError, match="non-empty"):
         norm(torch.zeros(0), torch.zeros(0, dtype=torch.long))
     assert all(h.numel() == 0 for h in norm.histories)  # failed calls leave no trace
+
+
+def test_disattenuated_consensus_estimates_each_rms_correlation_with_the_truth():
+    scores, _ = _pool(prompts=400, seed=4)
+    loadings = one_factor_loadings(*standardize_groups(scores))
+    got = consensus_agreement(scores, loadings, method="disattenuated").nanmean(0)
+    # accurate: 1 / sqrt(1 + 0.3^2), noisy: 1 / sqrt(2), noise: 0, anti: -1 / sqrt(1 + 0.5^2) (population values;
+    # within-prompt z-scores over n = 8 samples shrink them a little)
+    expected = torch.tensor([1 / math.sqrt(1.09), 1 / math.sqrt(2.0), 0.0, -1 / math.sqrt(1.25)])
+    torch.testing.assert_close(got, expected, atol=0.1, rtol=0)
+    loo = consensus_agreement(scores, loadings, method="leave_one_out").mean(0)
+    assert loo[0] > loo[1] > loo[2] > loo[3]
+    with pytest.raises(ValueError, match="unknown consensus method"):
+        consensus_agreement(scores, loadings, method="vibes")

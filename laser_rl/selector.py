@@ -463,8 +463,9 @@ class RewardSelector:
             out["laser/feedback_skipped"] = float(s["feedback_skipped"])
             if self.consensus is not None:
                 out["laser/audit_rm_passes"] = float(s["audit_rm_passes"])
-            if hasattr(self.bandit, "repairs"):
+            if hasattr(self.bandit, "repairs"):  # inverses recomputed after float32 drift (see LinearBandit)
                 out["laser/bandit_repairs"] = float(self.bandit.repairs)
+                out["laser/bandit_clipped_rows"] = float(getattr(self.bandit, "clipped_rows", 0))
             if s["arms"]:
                 arms = torch.cat(s["arms"])
                 if not self.ensemble:

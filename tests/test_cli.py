@@ -119,9 +119,12 @@ def _one_error_line(capsys, *argv) -> str:
     return err[1]
 
 
-def test_example_rejects_bad_flags(capsys):
+def test_example_rejects_bad_flags(capsys, tmp_path):
     assert "--steps" in _one_error_line(capsys, "example", "--steps", "0")
     assert "--bandit" in _one_error_line(capsys, "example", "--bandit", "greedy")
+    # The selector's own check (Thompson's v >= 0), before anything is written.
+    line = _one_error_line(capsys, "example", "--bandit", "thompson", "--alpha", "-1", "--output-dir", str(tmp_path / "x"))
+    assert "--alpha -1.0" in line and "Thompson v" in line and not (tmp_path / "x").exists()
 
 
 def test_missing_optional_package_is_one_line_with_the_install_command(capsys, monkeypatch):
@@ -158,17 +161,21 @@ def data_files(tmp_path):
 def test_training_modes_name_the_flag_of_a_missing_path_or_bad_spec(command, data_files, capsys):
     prompts, _, missing, no_dir = data_files
     base = [command, "--device", "cpu"]
-    line = _one_error_line(capsys, *base, "--policy", no_dir, "--reward-models", "noise", "--data", missing)
+    line = _one_error_line(capsys, *base, "--policy", no_dir, "--reward-models", "noise", "noise:2", "--data", missing)
     assert line.endswith(f"error: --data: file {missing!r} does not exist")
-    line = _one_error_line(capsys, *base, "--policy", no_dir, "--reward-models", "noise", "--data", prompts)
+    line = _one_error_line(capsys, *base, "--policy", no_dir, "--reward-models", "noise", "noise:2", "--data", prompts)
     assert "error: --policy:" in line and "does not exist" in line
     line = _one_error_line(capsys, *base, "--policy", no_dir, "--reward-models", "noise", no_dir, "--data", prompts)
     assert f"error: --reward-models {no_dir}:" in line
-    line = _one_error_line(capsys, *base, "--policy", no_dir, "--reward-models", "nosuchmodule:fn", "--data", prompts)
+    line = _one_error_line(capsys, *base, "--policy", no_dir, "--reward-models", "noise", "nosuchmodule:fn", "--data", prompts)
     assert "error: --reward-models nosuchmodule:fn:" in line
-    line = _one_error_line(capsys, *base, "--policy", no_dir, "--reward-models", "noise", "--data", prompts,
+    line = _one_error_line(capsys, *base, "--policy", no_dir, "--reward-models", "noise", "noise:2", "--data", prompts,
                            "--warm-start", missing)
     assert "--warm-start" in line and "does not exist" in line
+    # A bad bandit setting fails before any model loads (--policy does not exist and is not reached).
+    line = _one_error_line(capsys, *base, "--policy", no_dir, "--reward-models", "noise", "noise:2", "--data", prompts,
+                           "--bandit", "exp3", "--alpha", "2")
+    assert "--alpha 2.0" in line and "Exp3 gamma" in line
 
 
 def test_agreement_names_the_flag_of_a_missing_path_or_bad_spec(data_files, capsys):

@@ -26,6 +26,7 @@ from laser_rl.cli.common import (
     load_policy,
     load_records,
     make_encoder,
+    make_selector,
 )
 
 HELP = "best-of-n answers ranked by a bandit-chosen RM, against random-RM and ensemble selection"
@@ -50,27 +51,27 @@ def run(args: argparse.Namespace) -> dict:
     from laser_rl.best_of_n import BestOfNConfig
 
     config = config_from_args(args.parser, BestOfNConfig, args)  # every ranking check lives in the dataclass
-    check_selector_flags(args)
+    check_selector_flags(args, *(selector_overrides(s) for s in args.strategies))
     records = load_records(args, "--data", args.data, ("prompt", "answer"))
     return rank(args, config, records)
+
+
+def selector_overrides(strategy: str) -> dict:
+    # run_best_of_n hands the bandit its reward (config.feedback) as raw_rewards: the selector's own signal is unused.
+    return {"feedback": None, "baseline": None if strategy == "laser" else strategy}
 
 
 def rank(args: argparse.Namespace, config, records: list[dict]) -> dict:
     import torch
 
     from laser_rl.best_of_n import CachedArm, run_best_of_n
-    from laser_rl.selector import selector_from_flags
 
     strategies = list(dict.fromkeys(args.strategies))
     # One cache per RM, shared by all strategies: the samples they rank are the same. First: a bad spec fails fast.
     rms = [CachedArm(rm) for rm in build_rms(args, args.reward_models)]
     policy, tokenizer = load_policy(args, args.policy)
     encoder = make_encoder(policy, args.proj_dim, args.seed)
-    # run_best_of_n hands the bandit its reward (config.feedback) as raw_rewards: the selector's own signal is unused.
-    selectors = {
-        s: selector_from_flags(rms, {**vars(args), "feedback": None, "baseline": None if s == "laser" else s}, encoder.dim)
-        for s in strategies
-    }
+    selectors = {s: make_selector(args, rms, encoder.dim, **selector_overrides(s)) for s in strategies}
     if "laser" in selectors:
         apply_warm_start(args, selectors["laser"], policy, tokenizer, encoder)
 

@@ -189,12 +189,17 @@ def config_from_args(parser: argparse.ArgumentParser, cls: type, args: argparse.
 def flag_message(message: str, flags: dict[str, str]) -> str:
     """Name flags, not fields, in a config's error: 'n_samples must be >= 2' -> '--n must be >= 2'.
 
-    A field name is replaced where it reads as a name: at the start, before must/and/=/',', or after 'unknown'.
+    A field name with an underscore is replaced wherever it stands as a word; a plain word (n, lr, arms, ...) only
+    where it reads as a name: at the start, after 'unknown', or before must/and/a comparison/'='/','.
     """
     for name in sorted(flags, key=len, reverse=True):
-        pattern = rf"(?<![\w-])(?:(?<=unknown ){re.escape(name)}\b|{re.escape(name)}(?=\s+must\b|\s+and\b|\s*=|,))"
-        message = re.sub(pattern, flags[name], message)
-        message = re.sub(rf"^{re.escape(name)}\b", flags[name], message)
+        word = rf"(?<![\w.-]){re.escape(name)}(?![\w-])"
+        if "_" in name:
+            message = re.sub(word, flags[name], message)
+            continue
+        message = re.sub(rf"^{re.escape(name)}(?![\w-])", flags[name], message)
+        message = re.sub(rf"(?<=unknown ){re.escape(name)}(?![\w-])", flags[name], message)
+        message = re.sub(rf"{word}(?=\s+must\b|\s+and\b|\s*[=<>,])", flags[name], message)
     return message
 
 
@@ -236,7 +241,9 @@ def add_selector_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warm-start-weight", type=float, default=1.0)
 
 
-def check_selector_flags(args: argparse.Namespace) -> None:
+def check_selector_flags(args: argparse.Namespace, *overrides: dict) -> None:
+    """The selector flags' checks before any model loads: the selector is built once on noise stand-ins per
+    override set (best-of-n: one per strategy)."""
     parser = args.parser
     if args.proj_dim < 0:
         parser.error("--proj-dim must be >= 0")
@@ -245,6 +252,9 @@ def check_selector_flags(args: argparse.Namespace) -> None:
     if args.warm_start_weight <= 0:
         parser.error("--warm-start-weight must be > 0")
     check_file(parser, "--warm-start", args.warm_start)
+    stand_ins = ["noise"] * len(args.reward_models)
+    for extra in overrides or ({},):
+        make_selector(args, stand_ins, 8, **extra)
 
 
 def resolve_device(name: str):
@@ -314,6 +324,19 @@ def make_encoder(model, proj_dim: int, seed: int):
     size = hidden_size(model)
     # Projecting up would only add noise dimensions: project only when it shrinks the context.
     return ContextEncoder(size, proj_dim=proj_dim if 0 < proj_dim < size else None, seed=seed)
+
+
+SELECTOR_FLAGS = ("bandit", "baseline", "alpha", "lam", "discount", "granularity", "feedback")
+
+
+def make_selector(args: argparse.Namespace, rms: list, context_dim: int | None, **overrides):
+    """laser_rl.selector.selector_from_flags on the parsed flags (plus `overrides`); a bad combination is one line."""
+    from laser_rl.selector import selector_from_flags
+
+    flags = {**vars(args), **overrides}
+    given = [f"--{k} {flags[k]}" for k in SELECTOR_FLAGS if k in vars(args) and flags.get(k) is not None]
+    with flag_errors(args.parser, " ".join(given) or "selector flags"):
+        return selector_from_flags(rms, flags, context_dim)
 
 
 def apply_warm_start(args: argparse.Namespace, selector, policy, tokenizer, encoder) -> None:

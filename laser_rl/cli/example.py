@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from laser_rl.cli.common import require
+from laser_rl.cli.common import make_selector, require
 
 HELP = "per-prompt RM selection on a synthetic problem (CPU, seconds)"
 ENSEMBLES = ("mean", "wco", "uwo")
@@ -65,17 +65,16 @@ def run_example(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from laser_rl.arms import RuleArm
-    from laser_rl.selector import selector_from_flags
     from laser_rl.synthetic import ClusteredRewardProblem
 
-    out = os.path.join(args.output_dir, variant_name(args))
-    os.makedirs(out, exist_ok=True)
     problem = ClusteredRewardProblem(num_arms=args.num_arms, dim=args.dim, seed=args.seed)
     domains = [f"domain{c}" for c in range(problem.num_clusters)]
     names = [f"rm_best_on_{d}" for d in domains] + ["rm_noise"]
     # The problem supplies the rewards (raw_rewards below); the RMs' own scoring is never called here.
     rms = [RuleArm(lambda p, r, l: [0.0] * len(p), name=n) for n in names]
-    selector = selector_from_flags(rms, args, context_dim=problem.dim)
+    selector = make_selector(args, rms, problem.dim)  # before the folder: a bad flag leaves nothing behind
+    out = os.path.join(args.output_dir, variant_name(args))
+    os.makedirs(out, exist_ok=True)
     writer = SummaryWriter(os.path.join(out, "tensorboard"))
     history = {d: [] for d in domains}
     regret = 0.0

@@ -27,6 +27,7 @@ from laser_rl.cli.common import (
     load_policy,
     load_records,
     make_encoder,
+    make_selector,
     require,
 )
 
@@ -83,7 +84,6 @@ def train(args: argparse.Namespace, config, records: list[dict], eval_records: l
 
     from laser_rl.best_of_n import greedy_metric
     from laser_rl.iterative_dpo import run_iterative_dpo
-    from laser_rl.selector import selector_from_flags
 
     rms = build_rms(args, args.reward_models)  # first: a bad spec fails before the policy loads
     torch.manual_seed(args.seed)
@@ -91,7 +91,7 @@ def train(args: argparse.Namespace, config, records: list[dict], eval_records: l
     reference, _ = load_policy(args, args.reference or args.policy, "--reference" if args.reference else "--policy")
     reference.requires_grad_(False)
     encoder = make_encoder(policy, args.proj_dim, args.seed)
-    selector = selector_from_flags(rms, args, context_dim=encoder.dim)
+    selector = make_selector(args, rms, encoder.dim)
     apply_warm_start(args, selector, policy, tokenizer, encoder)
     if args.lora_rank:
         policy = _lora(policy, args.lora_rank)

@@ -143,6 +143,7 @@ def test_demo_flags_are_demo_config_fields(capsys):
     assert "--arms takes 2 or more" in _one_error_line(capsys, "demo", "--arms", "calculator,bogus")
     assert "--eval-prompts must be >= 1" in _one_error_line(capsys, "demo", "--eval-prompts", "0")
     assert "--methods" in _one_error_line(capsys, "demo", "--methods", "laser,best")
+    assert "--feedback progress: the signal needs" in _one_error_line(capsys, "demo", "--feedback", "progress")
 
 
 # ----- one error style for paths and reward-model specs ------------------------------------------------

@@ -93,6 +93,7 @@ class DemoConfig:
             raise ValueError(f"unknown pool {self.pool!r}; choose from {sorted(POOLS)}")
         if self.feedback not in FEEDBACK_SIGNALS:
             raise ValueError(f"unknown feedback {self.feedback!r}; choose from {sorted(FEEDBACK_SIGNALS)}")
+        check_feedback(self.feedback)  # a signal the demo cannot feed (progress) fails here, before anything loads
         if self.bandit not in BANDITS:
             raise ValueError(f"unknown bandit {self.bandit!r}; choose from {sorted(BANDITS)}")
         if not 0 <= self.warmup_fraction < 1 or (self.threads is not None and self.threads < 1):

@@ -17,6 +17,10 @@ import math
 import sys
 from types import SimpleNamespace
 
+from laser_rl.cli.common import quiet_third_party_warnings
+
+quiet_third_party_warnings()  # before torch and OpenRLHF pull in pynvml, bitsandbytes and DeepSpeed
+
 from laser_rl.arms import RuleArm
 from laser_rl.bandits import BANDITS
 from laser_rl.integrations.openrlhf.launch import hierarchize, openrlhf_check_args, openrlhf_parser

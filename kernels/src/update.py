@@ -109,7 +109,7 @@ def _apply_kernel(
 ):
     # Program axis 0 is (arm, matrix): even programs add X^T X to A (and X^T r to b), odd ones subtract W^T W from
     # A^-1. One accumulator per program keeps registers low enough for several blocks per SM: with both in one
-    # program (219 registers, one block per SM) this kernel took 80% of the update on an H200.
+    # program (219 registers, one block per SM) it dominated the update's profile (benchmarks/README.md).
     arm = tl.program_id(0) // 2
     second = tl.program_id(0) % 2
     # Both corrections are symmetric: axis 1 numbers the tiles (i, j) with j <= i only, row after row
@@ -199,8 +199,7 @@ def _tuned(name: str) -> triton.runtime.Autotuner:
         else:
             configs = [
                 triton.Config({"BLOCK": bt, "BLOCK_R": br}, num_warps=w, num_stages=st)
-                # (64, 64, 4, 2) took 2.9 ms at B = 1024, d = 4096, K = 8 on an H200 before the symmetric grid; the
-                # first choice (64, 32, 8, 3) took 9.7 ms and 128 x 128 tiles 3.7-5.0 ms.
+                # (64, 64, 4, 2) first: the best tiles of the last GPU sweep (benchmarks/README.md, "tile sweep").
                 for bt, br, w, st in ((64, 64, 4, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2))
             ]
             _TUNED[name] = triton.autotune(

@@ -103,7 +103,7 @@ def test_bad_configuration_and_input_errors():
         RewardSelector(["no/such/model", "also-missing"], context_dim=4)
     with pytest.raises(ValueError, match="at least 2 arms"):
         RewardSelector(rule_arms(1), context_dim=4)
-    sel = RewardSelector(arms, context_dim=4)
+    sel = RewardSelector(arms, context_dim=4, feedback="pair_loss")
     with pytest.raises(ValueError, match="dimension mismatch"):
         sel.select(torch.zeros(3, 5))
     with pytest.raises(ValueError, match="non-empty"):

@@ -136,6 +136,7 @@ class RewardSelector:
             self.consensus = ConsensusEstimator(self.num_arms, **options)
         self._audit_generator = torch.Generator().manual_seed(int(seed) + 7919)
         self._pending_audit: dict | None = None  # the last select()'s arms and audit mask, then score()'s audit scores
+        self.last_audit = torch.zeros(0, dtype=torch.bool)  # [P]: which prompts the last select() audits
         self.rm_passes_total = 0
         self.steps = 0
         self._lock = threading.RLock()

@@ -287,12 +287,8 @@ class RewardSelector:
             )
         except Exception as e:
             raise RewardArmError(f"reward model {name!r} (arm {k}) failed on samples {sub[:8]}{'...' if len(sub) > 8 else ''}: {e}") from e
-        if isinstance(scores, (Mapping, str, bytes)):
-            raise RewardArmError(f"reward model {name!r} (arm {k}) returned a {type(scores).__name__}, not one score per sample")
-        try:
-            scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).cpu()
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise RewardArmError(f"reward model {name!r} (arm {k}) returned something that is not a list of numbers: {e}") from e
+        # RewardArm.score has already checked the type and count of what the arm returned (arms._validated_scores).
+        scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).cpu()
         if scores.shape[0] != len(sub):
             raise RewardArmError(f"reward model {name!r} (arm {k}) returned {scores.shape[0]} scores for {len(sub)} samples")
         bad = (~torch.isfinite(scores)).nonzero().squeeze(1)

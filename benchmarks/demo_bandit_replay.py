@@ -57,6 +57,8 @@ SIGNALS = {
     "majority": Signal("majority", "majority"),
     "consensus": Signal("consensus", "consensus", audit_fraction=0.1),
     "consensus_20": Signal("consensus_20", "consensus", audit_fraction=0.2),
+    # The ceiling: every prompt audited (an ensemble's bill). Tells a data limit from an identifiability limit.
+    "consensus_full": Signal("consensus_full", "consensus", audit_fraction=1.0),
     "consensus_loo": Signal("consensus_loo", "consensus", {"method": "leave_one_out"}, audit_fraction=0.1),
     "consensus_dis": Signal("consensus_dis", "consensus", {"method": "disattenuated"}, audit_fraction=0.1),
 }

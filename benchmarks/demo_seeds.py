@@ -373,6 +373,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pools", default="hard,default", help="comma-separated arm pools, run in this order (default hard,default)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    # Two processes with --threads 1 and disjoint seed ranges use both cores of a small machine.
+    p.add_argument("--first-seed", type=int, default=0, help="run seeds FIRST..N-1 only (default 0)")
     p.add_argument("--steps", type=int, default=32, help="GRPO steps per run (default 32, as laser-rl demo)")
     p.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts per domain (default 64)")
     # Two-term one-digit sums have only ~120 distinct questions: 64 held out leave ~56 for training (the demo's 64
@@ -389,6 +391,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if min(args.seeds, args.steps, args.eval_prompts, args.train_prompts) < 1:
         p.error("--seeds, --steps, --eval-prompts and --train-prompts must be >= 1")
+    if not 0 <= args.first_seed < args.seeds:
+        p.error(f"--first-seed must be in 0..{args.seeds - 1} (--seeds {args.seeds}); got {args.first_seed}")
     command = "python benchmarks/demo_seeds.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if not args.report_only:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -408,8 +412,8 @@ def main(argv: list[str] | None = None) -> None:
                 p.error(f"--methods takes names from {methods}; got {bad}")
             methods = wanted
         base = DemoConfig(steps=args.steps, eval_per_domain=args.eval_prompts, train_per_domain=args.train_prompts, threads=args.threads)
-        print(f"demo_seeds: pools {pools}, seeds 0..{args.seeds - 1}, methods {methods}, results in {args.results_dir}", flush=True)
-        made = run_study(base, pools, list(range(args.seeds)), methods, args.results_dir, not args.no_progress, args.max_groups)
+        print(f"demo_seeds: pools {pools}, seeds {args.first_seed}..{args.seeds - 1}, methods {methods}, results in {args.results_dir}", flush=True)
+        made = run_study(base, pools, list(range(args.first_seed, args.seeds)), methods, args.results_dir, not args.no_progress, args.max_groups)
     agg = write_report(args.results_dir, args.out, command)
     print(markdown(agg), flush=True)
     if not args.report_only and made == 0:

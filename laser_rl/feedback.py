@@ -255,10 +255,17 @@ def consensus_truth(z: Tensor, loadings: Tensor | None, exclude: int | None = No
 
 def agreement_with_truth(scores: Tensor, truth: Tensor) -> Tensor:
     """Soft pairwise agreement of an RM's ranking with a truth estimate, [P]: pairs weighted by the gap in
-    the truth estimate (confident pairs count most); an RM score tie counts 0.5. NaN where truth is flat."""
+    the truth estimate (confident pairs count most). NaN where truth is flat.
+
+    An RM that ranks some of a prompt's samples is judged on the pairs it ranks: its ties are no preference,
+    not half an error (an exact 0/1 checker ties every pair of equally correct samples, where the continuous
+    RMs' own preferences dominate the truth estimate). An RM constant on the prompt is blind there: 0.5.
+    """
     diff_truth = truth.unsqueeze(2) - truth.unsqueeze(1)  # [P, n, n]
     weight = diff_truth.clamp_min(0)  # ordered pairs with truth_i > truth_j
     diff = scores.unsqueeze(2) - scores.unsqueeze(1)
+    ranks = (diff != 0).flatten(1).any(dim=1).view(-1, 1, 1)  # the RM varies on the prompt
+    weight = torch.where(ranks, weight * (diff != 0), weight)
     wins = (diff > 0).float() + 0.5 * (diff == 0).float()
     total = weight.sum(dim=(1, 2))
     acc = (wins * weight).sum(dim=(1, 2)) / total.clamp_min(1e-12)

@@ -96,3 +96,11 @@ def test_paired_bootstrap_sees_a_consistent_gap_and_not_a_null_one():
     same = boot[:, 2, -1] - boot[:, 0, -1]
     assert np.all(same == 0)  # identical methods differ by exactly 0 in every replicate (same resampling)
     assert math.isclose(float(boot[:, 0, -1].mean()), float(base.mean()), abs_tol=0.02)
+
+
+def test_cli_rejects_a_first_seed_outside_the_seed_range(capsys):
+    study = _load_study()
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(["--seeds", "2", "--first-seed", "2"])
+    assert exit_info.value.code == 2
+    assert "--first-seed must be in 0..1" in capsys.readouterr().err

@@ -217,6 +217,25 @@ def test_consensus_is_robust_to_one_wild_rm_and_blind_rms_abstain():
     assert rewards.mean(0)[0] == rewards.mean(0).max()
 
 
+def test_consensus_prefers_an_exact_checker_to_a_good_continuous_rm():
+    """A 0/1 checker that is always right ties every pair of equally correct samples; those ties are no
+    preference. Counting them as half an error would rank it below continuous RMs whose own tastes fill the
+    truth estimate within a correctness class (the demo's calculator against minilm, issue 12)."""
+    g = torch.Generator().manual_seed(4)
+    prompts, n = 48, 8
+    correct = (torch.rand(prompts, n, generator=g) < 0.7).float()
+    correct[:, 0], correct[:, 1] = 1.0, 0.0  # every prompt has both kinds
+    checker = correct.clone()
+    # Errors independent of each other (the factor model's assumption; RMs sharing a taste would outvote it).
+    good = correct + 0.4 * torch.randn(prompts, n, generator=g)
+    other = correct + 0.4 * torch.randn(prompts, n, generator=g)
+    noise = torch.randn(prompts, n, generator=g)
+    scores = torch.stack([checker, good, other, noise], dim=1)
+    rewards = consensus_agreement(scores, one_factor_loadings(*standardize_groups(scores))).mean(0)
+    assert rewards[0] > 0.99 and rewards[0] > rewards[1:].max() + 0.03  # with ties as half errors: 0.955 < 0.960
+    assert verifier_agreement(good, correct).mean() < 0.97  # the continuous RMs really are worse judges
+
+
 def test_consensus_picks_the_accurate_rm_on_a_domain_where_another_is_anticorrelated():
     """Domain A: RMs 0 and 1 both good. Domain B: RM 1 is anti-correlated (hackable), RM 0 still good."""
     a, _ = _pool(prompts=32, seed=2)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from laser_rl.arms import RuleArm
 from laser_rl.context import ContextEncoder
-from laser_rl.feedback import LABEL_FREE, verifier_agreement
+from laser_rl.feedback import LABEL_FREE, consensus_agreement, one_factor_loadings, standardize_groups, verifier_agreement
 
 DOMAINS = ("arithmetic", "word", "logic")  # laser_rl.demo.tasks.DOMAINS, without importing the demo for a replay
 
@@ -185,6 +185,15 @@ def arm_accuracy(log: dict) -> dict[str, dict[str, torch.Tensor]]:
     return {d: {k: verifier_agreement(v, log[d]["correct"]) for k, v in log[d]["scores"].items()} for d in DOMAINS}
 
 
+def consensus_on_whole_log(log: dict) -> dict[str, torch.Tensor]:
+    """domain -> every RM's mean consensus reward [K] over all of the log's prompts, loadings fitted once on the
+    whole log: what consensus feedback would say with every prompt audited and no bandit in the way."""
+    names = list(log[DOMAINS[0]]["scores"])
+    audits = {d: torch.stack([log[d]["scores"][k] for k in names], dim=1).float() for d in DOMAINS}
+    loadings = one_factor_loadings(*standardize_groups(torch.cat(list(audits.values()))))
+    return {d: consensus_agreement(a, loadings).nanmean(dim=0) for d, a in audits.items()}
+
+
 def evaluate(log: dict, signal: Signal, alpha: float, lam: float, seeds: int, steps: int, ties: dict) -> dict:
     found, both, noise, passes = 0, 0, [], []
     for seed in range(seeds):
@@ -267,6 +276,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         accs = ", ".join(f"{k} {float(v.nanmean()):.2f}" for k, v in agreement[d].items())
         mixed = int(torch.isfinite(next(iter(agreement[d].values()))).sum())
         print(f"  {d:<10} accuracy {accs}; best (with ties) {ties[d]}; prompts with mixed labels {mixed}")
+    names = list(log[DOMAINS[0]]["scores"])
+    for d, rewards in consensus_on_whole_log(log).items():
+        print(f"  {d:<10} consensus reward with every prompt audited: " + ", ".join(f"{k} {float(r):.2f}" for k, r in zip(names, rewards)))
     signals = list(SIGNALS.values()) if args.feedback == "all" else [SIGNALS[args.feedback]]
     rows = []
     jobs = [(s, a, l) for s in signals for a, l in settings]

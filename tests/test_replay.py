@@ -82,6 +82,17 @@ def test_consensus_finds_a_truthful_rm_without_labels_where_pair_loss_prefers_th
             assert hits <= 1, (name, hits)
 
 
+def test_consensus_on_the_whole_log_ranks_the_exact_checker_first_and_calls_it_blind_elsewhere():
+    replay = load_replay()
+    log = synthetic_log(prompts=48, seed=2)
+    names = list(log["arithmetic"]["scores"])
+    rewards = replay.consensus_on_whole_log(log)
+    assert names[int(rewards["arithmetic"].argmax())] == "calc"
+    assert float(rewards["word"][names.index("calc")]) == 0.5  # constant scores: blind
+    assert abs(float(rewards["logic"][names.index("noise")]) - 0.5) < 0.1
+    assert float(rewards["logic"][names.index("good")]) > float(rewards["logic"][names.index("likely")])
+
+
 def test_replay_flags_are_checked(tmp_path):
     replay = load_replay()
     with pytest.raises(SystemExit):

@@ -77,17 +77,17 @@ SETTINGS = [  # (alpha, lam)
 RECOMMENDED = ("consensus", 0.6, 1.0)
 
 
-def log_path(sample_seed: int) -> str:
-    return f"laser_runs/replay_log_seed{sample_seed}.pt"
+def log_path(sample_seed: int, pool: str = "default") -> str:
+    return f"laser_runs/replay_log_seed{sample_seed}.pt" if pool == "default" else f"laser_runs/replay_log_{pool}_seed{sample_seed}.pt"
 
 
-def collect(path: str, prompts: int, sample_seed: int, n: int = 8, chunk: int = 24) -> dict:
+def collect(path: str, prompts: int, sample_seed: int, n: int = 8, chunk: int = 24, pool: str = "default") -> dict:
     """Sample the untrained policy on the training prompts and log everything each signal needs."""
     from laser_rl.demo.grpo import sample
     from laser_rl.demo.run import DemoAssets, DemoConfig, label_and_score
     from laser_rl.lm import sequence_logprobs
 
-    config = DemoConfig(train_per_domain=prompts)
+    config = DemoConfig(train_per_domain=prompts, pool=pool)
     assets = DemoAssets(config, verbose=True)
     torch.manual_seed(sample_seed)
     log = {}
@@ -113,7 +113,7 @@ def collect(path: str, prompts: int, sample_seed: int, n: int = 8, chunk: int = 
             "answers": answers,
             "scores": {k: torch.cat(v) for k, v in scores.items()},
         }
-    log["_meta"] = {"sample_seed": sample_seed, "prompts": prompts, "n": n}
+    log["_meta"] = {"sample_seed": sample_seed, "prompts": prompts, "n": n, "pool": pool}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(log, path)
     return log
@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--sample-seed", type=int, default=0, help="seed of the logged rollouts (a new seed is a new log)")
     parser.add_argument("--log", default=None, help="the log file (default laser_runs/replay_log_seed<S>.pt)")
     parser.add_argument("--prompts", type=int, default=96, help="logged prompts per domain")
+    parser.add_argument("--pool", default="default", help="the demo's arm pool to log (default|hard); hard logs to laser_runs/replay_log_hard_seed<S>.pt")
     parser.add_argument("--seeds", type=int, default=60)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--settings", default="all", help="'all' (the grid) or 'alpha,lam' for one setting")
@@ -253,6 +254,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for flag in ("seeds", "steps", "prompts"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    from laser_rl.demo.arms import POOLS
+
+    if args.pool not in POOLS:
+        parser.error(f"--pool must be one of {', '.join(POOLS)}, got {args.pool!r}")
     settings = SETTINGS
     if args.settings != "all":
         try:
@@ -265,8 +270,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
-    path = args.log or log_path(args.sample_seed)
-    log = load_log(path) if os.path.exists(path) else collect(path, args.prompts, args.sample_seed)
+    path = args.log or log_path(args.sample_seed, args.pool)
+    log = load_log(path) if os.path.exists(path) else collect(path, args.prompts, args.sample_seed, pool=args.pool)
     agreement = arm_accuracy(log)
     from laser_rl.demo.run import tied_with_best
 
@@ -290,7 +295,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump([r | {"sample_seed": args.sample_seed} for r in rows], f, indent=1)
+            json.dump([r | {"sample_seed": args.sample_seed, "pool": args.pool} for r in rows], f, indent=1)
     return rows
 
 

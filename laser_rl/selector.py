@@ -35,7 +35,7 @@ from laser_rl.feedback import FEEDBACK_INPUTS, FEEDBACK_SIGNALS, ConsensusEstima
 ENSEMBLE = -1  # the "arm" select() returns when every RM scores every sample
 BASELINES = ("single", "random", "sequential", "mean", "wco", "uwo")
 ENSEMBLES = ("mean", "wco", "uwo")
-DEFAULT_FEEDBACK = "pair_loss"
+DEFAULT_FEEDBACK = "pair_loss"  # the paper's; why it stays the default: docs/feedback.md ("Defaults")
 # `alpha` is the exploration knob of whichever bandit is chosen; None keeps that bandit's own default.
 EXPLORATION_KNOB = {"linucb": "alpha", "thompson": "v", "epsilon_greedy": "epsilon", "exp3": "gamma", "ucb1": "c"}
 # Inputs that may carry NaN on purpose (an unlabeled sample); every other tensor input must be finite.
@@ -47,6 +47,8 @@ class RewardSelector:
 
     Thread safety: every call that changes state (select, score's bookkeeping, feedback, load) holds one
     lock, so asynchronous trainers may call from several threads; the RMs themselves score outside it.
+    With consensus feedback, score() and feedback() belong to the last select(): keep one batch
+    in flight at a time, or pass `audit_scores` to feedback() yourself.
     """
 
     def __init__(
@@ -131,7 +133,7 @@ class RewardSelector:
             self.num_arms, window=reward_window, quantiles=reward_quantiles, per_arm=per_arm_normalization, warmup=reward_warmup
         )
         self.consensus: ConsensusEstimator | None = None
-        if feedback == "consensus":
+        if feedback == "consensus" and self.bandit is not None and self.bandit.learns:  # baselines learn nothing
             options = {k: self.feedback_kwargs[k] for k in ("window", "min_prompts") if k in self.feedback_kwargs}
             self.consensus = ConsensusEstimator(self.num_arms, **options)
         self._audit_generator = torch.Generator().manual_seed(int(seed) + 7919)
@@ -423,6 +425,8 @@ class RewardSelector:
         """Chosen arms' rewards [P] (NaN where not audited), the other RMs' rewards as extra update rows, and
         the consensus window to commit."""
         P = arms.shape[0]
+        if self.consensus is None:  # a baseline: it learns nothing, so it keeps no consensus
+            return torch.full((P,), math.nan), None, None
         if audit_scores is None:
             pending = self._pending_audit
             if pending is None or not torch.equal(pending["arms"], arms):

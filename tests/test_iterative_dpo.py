@@ -31,7 +31,7 @@ def _setup(tokenizer, causal_lm, reward_model, **selector_kwargs):
     policy, reference = copy.deepcopy(causal_lm), copy.deepcopy(causal_lm)
     arms = [SequenceClassifierArm(reward_model, tokenizer, name="rm"), NoisyArm(sigma=1.0, seed=3)]
     encoder = ContextEncoder(causal_lm.config.hidden_size)
-    selector = RewardSelector(arms, context_dim=encoder.dim, **selector_kwargs)
+    selector = RewardSelector(arms, context_dim=encoder.dim, **{"feedback": "pair_loss", **selector_kwargs})  # the step's signal
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     return policy, reference, selector, encoder, optimizer
 
@@ -179,7 +179,8 @@ def test_a_prompt_with_a_failed_rm_score_gives_the_bandit_no_reward(tokenizer, c
     policy, reference = copy.deepcopy(causal_lm), copy.deepcopy(causal_lm)
     flaky = RuleArm(lambda p, r, l: [float("nan") if "poem" in x else 1.0 for x in p], name="flaky")
     encoder = ContextEncoder(causal_lm.config.hidden_size)
-    selector = RewardSelector([flaky, NoisyArm(sigma=1.0)], context_dim=encoder.dim, baseline="single", skip_invalid=True)
+    selector = RewardSelector([flaky, NoisyArm(sigma=1.0)], context_dim=encoder.dim, baseline="single", skip_invalid=True,
+                              feedback="pair_loss")
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     result = iterative_dpo_step(policy, reference, tokenizer, selector, encoder, optimizer, RECORDS, _config())
     assert torch.isnan(result.bandit_rewards[2]) and torch.isfinite(result.bandit_rewards[:2]).all()
@@ -317,7 +318,7 @@ def test_iterative_dpo_runs_without_openrlhf(tokenizer, causal_lm, monkeypatch):
         monkeypatch.setitem(sys.modules, package, None)  # importing it, or any of its submodules, now raises ImportError
     policy, reference = copy.deepcopy(causal_lm), copy.deepcopy(causal_lm)
     encoder = ContextEncoder(causal_lm.config.hidden_size)
-    selector = RewardSelector([NoisyArm(seed=1), NoisyArm(seed=2)], context_dim=encoder.dim)
+    selector = RewardSelector([NoisyArm(seed=1), NoisyArm(seed=2)], context_dim=encoder.dim, feedback="pair_loss")
     torch.manual_seed(0)
     result = iterative_dpo_step(policy, reference, tokenizer, selector, encoder, torch.optim.AdamW(policy.parameters(), lr=1e-3),
                                 RECORDS, _config(n_samples=2, max_new_tokens=3))

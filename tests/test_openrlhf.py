@@ -198,7 +198,8 @@ def setup(openrlhf, dirs):
     from openrlhf.models import Actor
     from openrlhf.utils import get_strategy
 
-    args = cli.parse_args(_argv(dirs, "--laser.bandit", "thompson", "--laser.seed", "3"))
+    # pair_loss: the experience-path tests check the log-probs it is fed (consensus has its own tests).
+    args = cli.parse_args(_argv(dirs, "--laser.bandit", "thompson", "--laser.seed", "3", "--laser.feedback", "pair_loss"))
     strategy = get_strategy(args)
 
     def actor(path):
@@ -371,7 +372,7 @@ def test_laser_flags_reach_the_selector(dirs, rules):
     selector = selector_from_flags(rms, args.laser, context_dim=8)
     assert selector.feedback_name == "consensus" and selector.audit_fraction == 0.25
     assert selector.bandit.v == 0.7 and selector.bandit.lam == 3 and selector.bandit.discount == 0.9
-    args = cli.parse_args(_argv(dirs, "--laser.beta", "0.3"))
+    args = cli.parse_args(_argv(dirs, "--laser.feedback", "pair_loss", "--laser.beta", "0.3"))
     assert selector_from_flags(rms, args.laser, context_dim=8).feedback_kwargs == {"beta": 0.3}
 
 

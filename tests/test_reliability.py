@@ -190,7 +190,9 @@ def test_concurrent_calls_equal_the_same_updates_one_after_another():
     d, threads, rounds = 8, 4, 25
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(6, d, generator=g, dtype=torch.float64), torch.rand(6, generator=g)) for _ in range(threads * rounds)]
-    shared = RewardSelector(rule_rms(), context_dim=d, bandit_kwargs={"dtype": torch.float32}, reward_warmup=1)
+    # Raw rewards; consensus would pair each score() with the last select(), one batch in flight at a time.
+    shared = RewardSelector(rule_rms(), context_dim=d, bandit_kwargs={"dtype": torch.float32}, reward_warmup=1,
+                            feedback="pair_loss")
     chosen = [None] * len(batches)
 
     def worker(t):

@@ -63,6 +63,20 @@ def test_score_ensembles_run_every_arm_and_cost_k_passes(baseline, expected):
     assert sel.metrics()["laser/rm_passes"] == 3 * 4  # K passes per sample
 
 
+@pytest.mark.parametrize("baseline", ["random", "mean", "single"])
+def test_a_baseline_with_consensus_feedback_audits_nothing_and_learns_nothing(baseline):
+    sel = RewardSelector(rule_arms(3), baseline=baseline, feedback="consensus", audit_fraction=1.0)
+    assert sel.consensus is None and not sel.audits
+    contexts = torch.zeros(2, 1)
+    chosen = sel.select(contexts)
+    sel.score(["p"] * 4, ["a", "bb", "c", "dd"], chosen.repeat_interleave(2))
+    passes = sel.rm_passes_total
+    assert passes == (3 if baseline == "mean" else 1) * 4  # no audit passes charged
+    audit = torch.randn(2, 3, 2)  # even given audit scores, a baseline has nothing to learn
+    out = sel.feedback(contexts, chosen, audit_scores=audit)
+    assert torch.isnan(out).all() and sel.rm_passes_total == passes
+
+
 def test_nan_or_raising_arm_names_arm_and_sample():
     bad = RuleArm(lambda p, r, l: [0.0 if x != "bad" else math.nan for x in r], name="flaky")
     broken = RuleArm(lambda p, r, l: 1 / 0, name="broken")

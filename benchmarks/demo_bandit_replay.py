@@ -45,6 +45,8 @@ class Signal:
     feedback: str  # the selector's signal
     options: dict = field(default_factory=dict)  # feedback_kwargs
     audit_fraction: float = 0.0
+    audit_warmup_steps: int = 0  # consensus: audit audit_warmup_fraction of prompts for this many steps first
+    audit_warmup_fraction: float = 0.4
     labeled_fraction: float = 1.0  # verifier: share of prompts whose labels the bandit may see
 
 
@@ -59,6 +61,8 @@ SIGNALS = {
     "consensus_20": Signal("consensus_20", "consensus", audit_fraction=0.2),
     # The ceiling: every prompt audited (an ensemble's bill). Tells a data limit from an identifiability limit.
     "consensus_full": Signal("consensus_full", "consensus", audit_fraction=1.0),
+    # The same budget front-loaded: 40% of prompts in the first 8 of 32 steps (the warm-up), then 3% (1.36 passes).
+    "consensus_front": Signal("consensus_front", "consensus", audit_fraction=0.03, audit_warmup_steps=8),
     "consensus_loo": Signal("consensus_loo", "consensus", {"method": "leave_one_out"}, audit_fraction=0.1),
     "consensus_dis": Signal("consensus_dis", "consensus", {"method": "disattenuated"}, audit_fraction=0.1),
 }
@@ -150,7 +154,8 @@ def replay(log: dict, signal: Signal, alpha: float, lam: float, seed: int, steps
     center = torch.cat([log[d]["hidden"][:16] for d in DOMAINS]).mean(0)  # as the demo's probe sets it
     encoder = ContextEncoder(hidden_size, proj_dim=16, seed=seed)
     selector = RewardSelector(lookup_rms(log, names), context_dim=encoder.dim, alpha=alpha, lam=lam, feedback=signal.feedback,
-                              feedback_kwargs=signal.options or None, audit_fraction=signal.audit_fraction, seed=seed)
+                              feedback_kwargs=signal.options or None, audit_fraction=signal.audit_fraction,
+                              audit_warmup_steps=signal.audit_warmup_steps, audit_warmup_fraction=signal.audit_warmup_fraction, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     orders = {d: torch.randperm(log[d]["hidden"].shape[0], generator=gen) for d in DOMAINS}
     # Partial labels: the same fixed subset of prompts is labeled for the whole run.
@@ -211,6 +216,7 @@ def evaluate(log: dict, signal: Signal, alpha: float, lam: float, seeds: int, st
         "signal": signal.feedback,
         "options": dict(signal.options),
         "audit_fraction": signal.audit_fraction,
+        "audit_warmup": [signal.audit_warmup_steps, signal.audit_warmup_fraction] if signal.audit_warmup_steps else None,
         "labeled_fraction": signal.labeled_fraction,
         "label_free": signal.feedback in LABEL_FREE,
         "default": (signal.name, alpha, lam) == RECOMMENDED,

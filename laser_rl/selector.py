@@ -63,6 +63,8 @@ class RewardSelector:
         feedback: str = DEFAULT_FEEDBACK,
         feedback_kwargs: dict | None = None,
         audit_fraction: float = 0.1,
+        audit_warmup_steps: int = 0,
+        audit_warmup_fraction: float = 0.4,
         granularity: str = "prompt",
         single_arm: int = 0,
         uwo_coef: float = 0.5,
@@ -84,11 +86,15 @@ class RewardSelector:
         if granularity not in ("prompt", "batch"):
             raise ValueError(f"granularity must be 'prompt' or 'batch', got {granularity!r}")
         for name, value in (("alpha", alpha), ("lam", lam), ("discount", discount), ("uwo_coef", uwo_coef),
-                            ("audit_fraction", audit_fraction)):
+                            ("audit_fraction", audit_fraction), ("audit_warmup_fraction", audit_warmup_fraction)):
             if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(float(value))):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not 0.0 <= float(audit_fraction) <= 1.0:
             raise ValueError(f"audit_fraction must lie in [0, 1], got {audit_fraction}")
+        if not 0.0 <= float(audit_warmup_fraction) <= 1.0:
+            raise ValueError(f"audit_warmup_fraction must lie in [0, 1], got {audit_warmup_fraction}")
+        if isinstance(audit_warmup_steps, bool) or not isinstance(audit_warmup_steps, int) or audit_warmup_steps < 0:
+            raise ValueError(f"audit_warmup_steps must be an integer >= 0, got {audit_warmup_steps!r}")
         self.feedback_kwargs = dict(feedback_kwargs or {})
         unknown = set(self.feedback_kwargs) - set(FEEDBACK_SIGNALS[feedback].options)
         if unknown:
@@ -100,6 +106,9 @@ class RewardSelector:
         self.uwo_coef, self.skip_invalid = float(uwo_coef), skip_invalid
         self.ensemble = baseline in ENSEMBLES
         self.audit_fraction = float(audit_fraction)
+        # Consensus: audit_warmup_fraction of prompts for the first audit_warmup_steps feedback steps, then
+        # audit_fraction. Early audits keep the bandit off arms it has not yet seen judged (the noise RM).
+        self.audit_warmup_steps, self.audit_warmup_fraction = int(audit_warmup_steps), float(audit_warmup_fraction)
 
         common = dict(seed=seed, **(bandit_kwargs or {}))
         if baseline == "single":
@@ -155,7 +164,12 @@ class RewardSelector:
     @property
     def audits(self) -> bool:
         """Whether select() audits a fraction of prompts with every RM (consensus feedback on a learning bandit)."""
-        return self.consensus is not None and self.bandit is not None and self.bandit.learns and self.audit_fraction > 0
+        return self.consensus is not None and self.bandit is not None and self.bandit.learns and self.current_audit_fraction > 0
+
+    @property
+    def current_audit_fraction(self) -> float:
+        """The share of prompts the next select() audits (the warm-up's, then audit_fraction)."""
+        return self.audit_warmup_fraction if self.steps < self.audit_warmup_steps else self.audit_fraction
 
     def select(self, contexts: Tensor, domains: Sequence[str] | None = None) -> Tensor:
         """One arm per prompt, LongTensor [P] on the CPU (ENSEMBLE for score ensembles).
@@ -177,7 +191,7 @@ class RewardSelector:
                 arms = self.bandit.select(contexts).cpu()
             audit = torch.zeros(P, dtype=torch.bool)
             if self.audits:
-                audit = torch.rand(P, generator=self._audit_generator) < self.audit_fraction
+                audit = torch.rand(P, generator=self._audit_generator) < self.current_audit_fraction
             self.last_audit = audit
             self._pending_audit = {"arms": arms.clone(), "audit": audit, "scores": None}
             width = getattr(self.bandit, "last_width", None)

@@ -375,6 +375,31 @@ def test_audited_prompts_are_scored_by_every_rm_and_cost_k_passes():
         sel.score(["p"] * 4, ["a"] * 4, torch.tensor([0, 1, 0, 1]))
 
 
+def test_audit_warmup_audits_the_first_steps_then_the_steady_fraction(tmp_path):
+    def step(sel):
+        X = torch.eye(2)
+        arms = sel.select(X)
+        audited = sel.last_audit.clone()
+        sel.score(["p0"] * 3 + ["p1"] * 3, ["a", "bb", "ccc"] * 2, arms.repeat_interleave(3))
+        sel.feedback(X, arms)
+        return audited
+
+    sel = RewardSelector(rule_arms(3), context_dim=2, feedback="consensus", audit_fraction=0.0,
+                         audit_warmup_steps=2, audit_warmup_fraction=1.0)
+    assert [bool(step(sel).all()) for _ in range(2)] == [True, True]
+    assert sel.metrics()["laser/audit_rm_passes"] == 2 * 2 * 6  # 2 steps x 2 other RMs x 6 samples
+    sel.save(str(tmp_path / "s.pt"))
+    assert not step(sel).any() and sel.current_audit_fraction == 0.0  # after the warm-up: audit_fraction
+    resumed = RewardSelector(rule_arms(3), context_dim=2, feedback="consensus", audit_fraction=0.0,
+                             audit_warmup_steps=2, audit_warmup_fraction=1.0)
+    resumed.load(str(tmp_path / "s.pt"))
+    assert not step(resumed).any()  # the step count travels with the checkpoint: no second warm-up
+    for bad in ({"audit_warmup_steps": -1}, {"audit_warmup_steps": 1.5}, {"audit_warmup_fraction": 1.2},
+                {"audit_warmup_fraction": math.nan}):
+        with pytest.raises(ValueError, match="audit_warmup"):
+            RewardSelector(rule_arms(3), context_dim=2, feedback="consensus", **bad)
+
+
 @pytest.mark.parametrize("feedback", ["consensus", "majority", "verifier"])
 def test_selector_with_new_signals_survives_save_and_load(feedback, tmp_path):
     def run(sel, steps, start=0):

@@ -315,6 +315,9 @@ def test_cli_accepts_every_openrlhf_flag_plus_laser_flags(dirs, rules, capsys):
         (["--laser.feedback", "consensus", "--laser.audit_fraction", "nan"], "argument --laser.audit_fraction: must be a finite"),
         (["--laser.audit_fraction", "0.5"], "--laser.audit_fraction applies to --laser.feedback consensus only, not pair_loss"),
         (["--laser.feedback", "consensus", "--laser.audit_fraction", "0.5"], None),
+        (["--laser.audit_warmup_steps", "4"], "--laser.audit_warmup_steps applies to --laser.feedback consensus only"),
+        (["--laser.feedback", "consensus", "--laser.audit_warmup_steps", "-1"], "--laser.audit_warmup_steps must be >= 0"),
+        (["--laser.feedback", "consensus", "--laser.audit_warmup_fraction", "nan"], "argument --laser.audit_warmup_fraction: must be a finite"),
     ],
 )
 def test_cli_rejects_bad_laser_values_clearly(dirs, rules, capsys, flags, message):
@@ -371,6 +374,9 @@ def test_laser_flags_reach_the_selector(dirs, rules):
     rms = [RuleArm(lambda p, r, l: [0.0] * len(p), name=n) for n in ("a", "b", "c")]
     selector = selector_from_flags(rms, args.laser, context_dim=8)
     assert selector.feedback_name == "consensus" and selector.audit_fraction == 0.25
+    warm = selector_from_flags(rms, cli.parse_args(_argv(dirs, "--laser.feedback", "consensus", "--laser.audit_warmup_steps",
+                                                         "3", "--laser.audit_warmup_fraction", "0.5")).laser, context_dim=8)
+    assert (warm.audit_warmup_steps, warm.audit_warmup_fraction, warm.current_audit_fraction) == (3, 0.5, 0.5)
     assert selector.bandit.v == 0.7 and selector.bandit.lam == 3 and selector.bandit.discount == 0.9
     args = cli.parse_args(_argv(dirs, "--laser.feedback", "pair_loss", "--laser.beta", "0.3"))
     assert selector_from_flags(rms, args.laser, context_dim=8).feedback_kwargs == {"beta": 0.3}

@@ -106,6 +106,15 @@ def add_laser_arguments(parser: argparse.ArgumentParser) -> None:
         "(costs F * (K - 1) extra RM passes per sample; default: the selector's, 0.1)",
     )
     g.add_argument(
+        "--laser.audit_warmup_steps", type=int, default=None, metavar="STEPS",
+        help="consensus feedback: audit --laser.audit_warmup_fraction of prompts in the first STEPS rollout steps, "
+        "then --laser.audit_fraction (front-loads the audit budget; default 0: off)",
+    )
+    g.add_argument(
+        "--laser.audit_warmup_fraction", type=_number(float, 0, 1), default=None, metavar="F",
+        help="consensus feedback: the share audited during --laser.audit_warmup_steps (default: the selector's, 0.4)",
+    )
+    g.add_argument(
         "--laser.granularity", choices=("prompt", "batch"), default="prompt",
         help="one RM per prompt (default) or per rollout batch (the paper's code)",
     )
@@ -156,8 +165,11 @@ def check_args(parser: argparse.ArgumentParser, args: SimpleNamespace) -> list[s
             "--laser.feedback verifier needs a verifier score per sample: pass --reward.remote_url "
             "(a reward_func .py file or a URL; OpenRLHF scores each sample with it during rollout)"
         )
-    if laser.audit_fraction is not None and laser.feedback != "consensus":
-        parser.error(f"--laser.audit_fraction applies to --laser.feedback consensus only, not {laser.feedback}")
+    for flag in ("audit_fraction", "audit_warmup_steps", "audit_warmup_fraction"):
+        if getattr(laser, flag) is not None and laser.feedback != "consensus":
+            parser.error(f"--laser.{flag} applies to --laser.feedback consensus only, not {laser.feedback}")
+    if laser.audit_warmup_steps is not None and laser.audit_warmup_steps < 0:
+        parser.error(f"--laser.audit_warmup_steps must be >= 0, got {laser.audit_warmup_steps}")
     if args.reward.model_name_or_path:
         parser.error("--reward.model_name_or_path is OpenRLHF's single RM; with LASeR list every RM in --laser.reward_models")
     if args.train.async_enable:

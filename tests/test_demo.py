@@ -385,3 +385,17 @@ def test_feedback_inputs_feed_the_selector(tokenizer, causal_lm, signal):
         assert inputs["answers"][0] == [batch[0].extract_answer(r) for r in rollout.responses[:n]]
     normalized = selector.feedback(contexts, chosen, **inputs)
     assert normalized.shape == (P,)
+
+
+def test_demo_audit_flags_reach_the_selector():
+    """--audit-fraction / --audit-warmup-steps / --audit-warmup-fraction land on LASeR's selector; baselines audit nothing."""
+    from laser_rl.arms import RuleArm
+    from laser_rl.demo.run import DemoConfig, method_flags
+    from laser_rl.selector import selector_from_flags
+
+    cfg = DemoConfig(feedback="consensus", audit_fraction=0.03, audit_warmup_steps=8, audit_warmup_fraction=0.5)
+    rms = [RuleArm(lambda p, r, l: [0.0] * len(p), name=f"rm{k}") for k in range(3)]
+    laser = selector_from_flags(rms, method_flags("laser", cfg, 0), context_dim=4)
+    assert (laser.audit_fraction, laser.audit_warmup_steps, laser.audit_warmup_fraction) == (0.03, 8, 0.5)
+    assert laser.current_audit_fraction == 0.5 and laser.audits
+    assert not selector_from_flags(rms, method_flags("random", cfg, 0), context_dim=4).audits

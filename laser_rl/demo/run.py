@@ -333,7 +333,8 @@ def method_flags(method: str, cfg: DemoConfig, single_arm: int, feedback: str | 
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     if method == "laser":
         return {"bandit": cfg.bandit, "alpha": cfg.alpha, "lam": cfg.lam, "feedback": feedback or cfg.feedback,
-                "normalize_scores": True, "seed": cfg.seed}
+                "audit_fraction": cfg.audit_fraction, "audit_warmup_steps": cfg.audit_warmup_steps,
+                "audit_warmup_fraction": cfg.audit_warmup_fraction, "normalize_scores": True, "seed": cfg.seed}
     # A baseline does not learn from feedback: the cheapest signal, so no audit passes are charged to it.
     flags = {"baseline": method, "feedback": "spread", "normalize_scores": True, "seed": cfg.seed}
     if method == "single":

@@ -264,8 +264,9 @@ def agreement_with_truth(scores: Tensor, truth: Tensor) -> Tensor:
     diff_truth = truth.unsqueeze(2) - truth.unsqueeze(1)  # [P, n, n]
     weight = diff_truth.clamp_min(0)  # ordered pairs with truth_i > truth_j
     diff = scores.unsqueeze(2) - scores.unsqueeze(1)
-    ranks = (diff != 0).flatten(1).any(dim=1).view(-1, 1, 1)  # the RM varies on the prompt
-    weight = torch.where(ranks, weight * (diff != 0), weight)
+    ranked = diff != 0
+    varies = ranked.flatten(1).any(dim=1).view(-1, 1, 1)  # the RM ranks something on the prompt
+    weight = torch.where(varies, weight * ranked, weight)
     wins = (diff > 0).float() + 0.5 * (diff == 0).float()
     total = weight.sum(dim=(1, 2))
     acc = (wins * weight).sum(dim=(1, 2)) / total.clamp_min(1e-12)

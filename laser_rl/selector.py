@@ -164,7 +164,7 @@ class RewardSelector:
     @property
     def audits(self) -> bool:
         """Whether select() audits a fraction of prompts with every RM (consensus feedback on a learning bandit)."""
-        return self.consensus is not None and self.bandit is not None and self.bandit.learns and self.current_audit_fraction > 0
+        return self.consensus is not None and self.current_audit_fraction > 0  # consensus exists only on learning bandits
 
     @property
     def current_audit_fraction(self) -> float:

@@ -106,7 +106,7 @@ def add_laser_arguments(parser: argparse.ArgumentParser) -> None:
         "(costs F * (K - 1) extra RM passes per sample; default: the selector's, 0.1)",
     )
     g.add_argument(
-        "--laser.audit_warmup_steps", type=int, default=None, metavar="STEPS",
+        "--laser.audit_warmup_steps", type=_number(int, 0), default=None, metavar="STEPS",
         help="consensus feedback: audit --laser.audit_warmup_fraction of prompts in the first STEPS rollout steps, "
         "then --laser.audit_fraction (front-loads the audit budget; default 0: off)",
     )
@@ -168,8 +168,6 @@ def check_args(parser: argparse.ArgumentParser, args: SimpleNamespace) -> list[s
     for flag in ("audit_fraction", "audit_warmup_steps", "audit_warmup_fraction"):
         if getattr(laser, flag) is not None and laser.feedback != "consensus":
             parser.error(f"--laser.{flag} applies to --laser.feedback consensus only, not {laser.feedback}")
-    if laser.audit_warmup_steps is not None and laser.audit_warmup_steps < 0:
-        parser.error(f"--laser.audit_warmup_steps must be >= 0, got {laser.audit_warmup_steps}")
     if args.reward.model_name_or_path:
         parser.error("--reward.model_name_or_path is OpenRLHF's single RM; with LASeR list every RM in --laser.reward_models")
     if args.train.async_enable:

@@ -55,9 +55,9 @@ class DemoConfig:
     pool: str = "default"  # "default" (calculator,minilm,smollm2,noise) or "hard" (the hackable verbose replaces calculator)
     feedback: str = "verifier"  # bandit reward: RM agreement with the verifier labels, or pair_loss, spread, consensus, ...
     bandit: str = "linucb"  # linucb | thompson | epsilon_greedy | exp3 | ucb1
-    audit_fraction: float = 0.1  # consensus feedback: share of prompts every RM scores
-    audit_warmup_steps: int = 0  # consensus: audit audit_warmup_fraction of prompts in the first steps instead
-    audit_warmup_fraction: float = 0.4  # consensus: the share audited during those first steps
+    audit_fraction: float | None = None  # consensus feedback: share of prompts every RM scores (None: the selector's, 0.1)
+    audit_warmup_steps: int | None = None  # consensus: audit audit_warmup_fraction of prompts in the first steps (None: 0)
+    audit_warmup_fraction: float | None = None  # consensus: the share audited in those steps (None: the selector's, 0.4)
     # LinUCB exploration and ridge, chosen with benchmarks/demo_bandit_replay.py (docs/demo.md): with per-prompt
     # rewards this noisy (agreement over 8 samples) the paper's alpha = 0.1 locks onto an arm after a few
     # unlucky early rewards; more exploration recovers, at the price of more calls to the noise arm.
@@ -103,7 +103,8 @@ class DemoConfig:
             raise ValueError(f"warmup_fraction must lie in [0, 1) and threads be >= 1; got {self.warmup_fraction}, {self.threads}")
         if self.proj_dim is not None and self.proj_dim < 1:
             raise ValueError(f"proj_dim must be >= 1 or None, got {self.proj_dim}")
-        if not (0 <= self.audit_fraction <= 1 and 0 <= self.audit_warmup_fraction <= 1 and self.audit_warmup_steps >= 0):
+        fractions = [f for f in (self.audit_fraction, self.audit_warmup_fraction) if f is not None]
+        if not all(0 <= f <= 1 for f in fractions) or (self.audit_warmup_steps is not None and self.audit_warmup_steps < 0):
             raise ValueError(f"audit_fraction and audit_warmup_fraction must lie in [0, 1], audit_warmup_steps be >= 0; "
                              f"got {self.audit_fraction}, {self.audit_warmup_fraction}, {self.audit_warmup_steps}")
 

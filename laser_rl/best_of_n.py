@@ -246,6 +246,13 @@ def run_best_of_n(
     reserved = {"first_sample", "oracle"} & set(selectors)
     if reserved:
         raise ValueError(f"strategy names {sorted(reserved)} are reserved for the reference rows")
+    auditing = [name for name, s in selectors.items() if s.consensus is not None]
+    if auditing:
+        # The bandit learns from config.feedback here; consensus audits would run every RM for nothing.
+        raise ValueError(
+            f"strategies {auditing} use consensus feedback, which audits prompts with every RM; best-of-n hands the "
+            f"bandit its own reward ({config.feedback}): build them with feedback='spread' (unused here)"
+        )
     metric = resolve_metric(records, config.metric)
     caches = {id(a): a for s in selectors.values() for a in s.rms if isinstance(a, CachedArm)}
     torch.manual_seed(config.seed)

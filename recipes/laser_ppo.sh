@@ -66,6 +66,8 @@ CMD=(
   --data.prompt_dataset "$PROMPT_DATA" --data.input_key "$INPUT_KEY" --data.label_key "$LABEL_KEY"
   --data.apply_chat_template --data.max_len 2048 --rollout.max_new_tokens 1024
   # LASeR: the paper's LinUCB (alpha 0.1, lambda 1) and pair_loss feedback, one RM per prompt.
+  # pair_loss reproduces the paper; it was measured preferring the policy's own likelihood RM. Append
+  # --laser.feedback consensus (label-free, the flag's default) or verifier (with VERIFIER): docs/feedback.md.
   --laser.bandit linucb --laser.alpha 0.1 --laser.lambda 1.0 --laser.feedback pair_loss
   --laser.granularity prompt --laser.context policy --laser.context_dim 256 --laser.normalize_scores
   # PPO: GAE with a critic started from the policy; n >= 2 samples per prompt for LASeR's feedback.

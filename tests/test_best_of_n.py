@@ -60,7 +60,7 @@ def test_best_of_n_picks_the_rms_top_sample(tokenizer, causal_lm):
     arms = [CachedArm(RuleArm(length_rm, name="longest")), CachedArm(RuleArm(lambda p, r, l: [-len(x) for x in r], name="shortest"))]
     encoder = ContextEncoder(causal_lm.config.hidden_size)
     selectors = {
-        "laser": RewardSelector(arms, context_dim=encoder.dim),
+        "laser": RewardSelector(arms, context_dim=encoder.dim, feedback="spread"),  # unused: best-of-n feeds best_nll
         "single": RewardSelector(arms, context_dim=encoder.dim, baseline="single"),
         "mean": RewardSelector(arms, context_dim=encoder.dim, baseline="mean"),
     }
@@ -83,7 +83,7 @@ def test_bandit_reward_is_minus_the_per_token_nll_of_the_chosen_response(tokeniz
     monkeypatch.setattr(bon, "sample", _fake_sampler)
     arms = [CachedArm(RuleArm(length_rm, name="a")), CachedArm(RuleArm(lambda p, r, l: [0.0] * len(r), name="b"))]
     encoder = ContextEncoder(causal_lm.config.hidden_size)
-    selector = RewardSelector(arms, context_dim=encoder.dim)
+    selector = RewardSelector(arms, context_dim=encoder.dim, feedback="spread")
     result = run_best_of_n(causal_lm, tokenizer, {"laser": selector}, encoder, RECORDS, BestOfNConfig(n=4))
     expected = []
     for row in result.predictions:
@@ -126,7 +126,7 @@ def test_laser_with_verifier_feedback_beats_random_and_ensemble_on_conflicting_r
 
     arms = [CachedArm(RuleArm(rm_math)), CachedArm(RuleArm(rm_logic))]
     encoder = ContextEncoder(causal_lm.config.hidden_size)
-    selectors = {name: RewardSelector(arms, context_dim=encoder.dim, baseline=baseline)
+    selectors = {name: RewardSelector(arms, context_dim=encoder.dim, baseline=baseline, feedback="spread")
                  for name, baseline in (("laser", None), ("random", "random"), ("mean", "mean"))}
     result = run_best_of_n(causal_lm, tokenizer, selectors, encoder, records, BestOfNConfig(n=4, batch_size=4, feedback="best_metric"))
     assert result.metric == "accuracy" and result.scores["oracle"] == 1.0
@@ -155,6 +155,8 @@ def test_best_of_n_rejects_bad_input(tokenizer, causal_lm):
         run_best_of_n(causal_lm, tokenizer, selectors, encoder, [{"prompt": "hi"}], BestOfNConfig())
     with pytest.raises(ValueError, match="reserved"):
         run_best_of_n(causal_lm, tokenizer, {"oracle": selectors["random"]}, encoder, RECORDS, BestOfNConfig())
+    with pytest.raises(ValueError, match="consensus feedback.*feedback='spread'"):  # RewardSelector's default audits
+        run_best_of_n(causal_lm, tokenizer, {"laser": RewardSelector(arms, context_dim=encoder.dim)}, encoder, RECORDS, BestOfNConfig())
     for old_or_wrong in ("loss", "nll", "verifier", "pair_loss"):  # best-of-n's signals are named for the RM's best response
         with pytest.raises(ValueError, match="feedback"):
             BestOfNConfig(feedback=old_or_wrong)
@@ -165,7 +167,7 @@ def test_fixed_seed_reproduces_the_pinned_choices_and_rewards(tokenizer, causal_
     the same samples, the same RM choices and the same best_nll rewards."""
     arms = [CachedArm(RuleArm(length_rm, name="longest")), CachedArm(RuleArm(lambda p, r, l: [-len(x) for x in r], name="shortest"))]
     encoder = ContextEncoder(causal_lm.config.hidden_size)
-    selectors = {"laser": RewardSelector(arms, context_dim=encoder.dim), "random": RewardSelector(arms, context_dim=encoder.dim, baseline="random")}
+    selectors = {"laser": RewardSelector(arms, context_dim=encoder.dim, feedback="spread"), "random": RewardSelector(arms, context_dim=encoder.dim, baseline="random")}
     records = [
         {"prompt": "What is 2 + 3?", "answer": "5", "domain": "math"},
         {"prompt": "All cats are animals. Is Tom an animal?", "answer": "yes", "domain": "logic"},

@@ -313,9 +313,10 @@ def test_cli_accepts_every_openrlhf_flag_plus_laser_flags(dirs, rules, capsys):
         (["--laser.alpha", "0.5", "--laser.bandit", "exp3"], None),  # alpha is Exp3's gamma: in range, fine
         (["--laser.feedback", "consensus", "--laser.audit_fraction", "1.5"], "argument --laser.audit_fraction: must be <= 1"),
         (["--laser.feedback", "consensus", "--laser.audit_fraction", "nan"], "argument --laser.audit_fraction: must be a finite"),
-        (["--laser.audit_fraction", "0.5"], "--laser.audit_fraction applies to --laser.feedback consensus only, not pair_loss"),
+        (["--laser.feedback", "pair_loss", "--laser.audit_fraction", "0.5"], "--laser.audit_fraction applies to --laser.feedback consensus only, not pair_loss"),
+        (["--laser.audit_fraction", "0.5"], None),  # consensus is the default
         (["--laser.feedback", "consensus", "--laser.audit_fraction", "0.5"], None),
-        (["--laser.audit_warmup_steps", "4"], "--laser.audit_warmup_steps applies to --laser.feedback consensus only"),
+        (["--laser.feedback", "spread", "--laser.audit_warmup_steps", "4"], "--laser.audit_warmup_steps applies to --laser.feedback consensus only"),
         (["--laser.feedback", "consensus", "--laser.audit_warmup_steps", "-1"], "argument --laser.audit_warmup_steps: must be >= 0, got -1"),
         (["--laser.feedback", "consensus", "--laser.audit_warmup_fraction", "nan"], "argument --laser.audit_warmup_fraction: must be a finite"),
     ],

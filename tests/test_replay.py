@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import sys
 
 import pytest
 import torch
+
+from laser_rl.selector import RewardSelector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +63,12 @@ def test_every_signal_replays_and_writes_the_documented_rows(tmp_path):
         assert 0 <= row["best_rm"] <= 1 and 0 <= row["noise_share"] <= 1 and row["both"] <= row["best_rm"]
     by = {r["feedback"]: r for r in saved}
     assert not by["verifier"]["label_free"] and not by["verifier_25"]["label_free"] and by["consensus"]["label_free"]
-    assert sum(r["default"] for r in saved) == 1 and by["consensus"]["default"]
+    assert sum(r["default"] for r in saved) == 1 and by["consensus_front"]["default"]
+    # The recommended row is what RewardSelector runs when given no feedback or audit arguments.
+    recommended = replay.SIGNALS[replay.RECOMMENDED[0]]
+    defaults = {n: p.default for n, p in inspect.signature(RewardSelector).parameters.items()}
+    assert (recommended.feedback, recommended.audit_fraction, recommended.audit_warmup_steps, recommended.audit_warmup_fraction) == (
+        defaults["feedback"], defaults["audit_fraction"], defaults["audit_warmup_steps"], defaults["audit_warmup_fraction"])
     # Audits cost extra passes, the other signals one pass per sample.
     assert by["verifier"]["rm_passes_per_sample"] == 1.0
     assert 1.0 <= by["consensus"]["rm_passes_per_sample"] <= 1.0 + 3 * 0.5

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from laser_rl import ENSEMBLE, RewardSelector
+from laser_rl.feedback import LABEL_FREE
 from laser_rl.arms import ImplicitRewardArm, NoisyArm, RewardArmError, RuleArm, SequenceClassifierArm
 from laser_rl.context import ContextEncoder, prompt_hidden_states
 from laser_rl.synthetic import ClusteredRewardProblem
@@ -309,7 +310,7 @@ def test_majority_feedback_through_the_selector():
         sel.feedback(X, arms, scores=torch.zeros(2, 3))
 
 
-def consensus_run(audit_fraction, steps=40, seed=0, P=6, n=6):
+def consensus_run(steps=40, seed=0, P=6, n=6, **audit):
     """Three contexts (domains); RM 0 ranks by the truth on every domain, RM 1 too but noisier, RM 2 on domain 0
     only (reversed on the others: hackable), RM 3 is noise. Consensus feedback, no labels. (With one good RM
     and one hackable RM alone, which is right off domain 0 cannot be told without labels: the second good RM
@@ -329,8 +330,7 @@ def consensus_run(audit_fraction, steps=40, seed=0, P=6, n=6):
         return score
 
     rms = [RuleArm(fn(k), name=name) for k, name in enumerate(["good", "good_noisy", "hackable", "noise"])]
-    sel = RewardSelector(rms, context_dim=3, feedback="consensus", audit_fraction=audit_fraction, alpha=0.5,
-                         reward_warmup=1, seed=seed)
+    sel = RewardSelector(rms, context_dim=3, alpha=0.5, reward_warmup=1, seed=seed, **audit)  # default feedback
     counts = torch.zeros(3, 4)
     for step in range(steps):
         domains = [i % 3 for i in range(P)]
@@ -354,10 +354,22 @@ def test_consensus_learns_without_labels_and_counts_audit_passes():
     assert counts[1:, :2].sum() > 0.9 * counts[1:].sum()  # there, the two truthful RMs get the prompts
     # (on domain 0 the "hackable" RM is exactly right, so it may rightly take a share there)
     assert counts[:, 3].sum() < 0.15 * counts.sum()  # noise avoided
-    sel2, _ = consensus_run(audit_fraction=0.0, steps=3)
+    sel2, _ = consensus_run(audit_fraction=0.0, audit_warmup_steps=0, steps=3)
     assert int(sel2.bandit.counts.sum()) == 0  # nothing audited: consensus gives no feedback
     m = sel2.metrics()
     assert m["laser/audit_rm_passes"] == 0 and m["laser/rm_passes_total"] == 3 * 6 * 6  # one pass per sample
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_default_is_label_free_consensus_with_front_loaded_audits(seed):
+    sel, counts = consensus_run(seed=seed)  # RewardSelector's defaults: no feedback or audit argument
+    assert sel.feedback_name == "consensus" and sel.feedback_name in LABEL_FREE
+    assert (sel.audit_warmup_steps, sel.audit_warmup_fraction, sel.audit_fraction) == (8, 0.4, 0.03)
+    assert sel.steps == 40 and sel.current_audit_fraction == 0.03  # the warm-up is over
+    assert counts[1:, 2].sum() < 0.1 * counts[1:].sum() and counts[:, 3].sum() < 0.1 * counts.sum()
+    # 40 steps x 36 samples; the audits (about 40% of 8 steps' prompts, 3% after) add K - 1 = 3 passes each
+    passes = sel.metrics()["laser/rm_passes_total"]
+    assert 40 * 36 < passes < 40 * 36 * 1.5, passes
 
 
 def test_audited_prompts_are_scored_by_every_rm_and_cost_k_passes():

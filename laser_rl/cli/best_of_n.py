@@ -57,8 +57,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def selector_overrides(strategy: str) -> dict:
-    # run_best_of_n hands the bandit its reward (config.feedback) as raw_rewards: the selector's own signal is unused.
-    return {"feedback": None, "baseline": None if strategy == "laser" else strategy}
+    # run_best_of_n hands the bandit its reward (config.feedback) as raw_rewards: the selector's own signal is
+    # unused, so it is the cheapest one (the default, consensus, would audit prompts with every RM).
+    return {"feedback": "spread", "baseline": None if strategy == "laser" else strategy}
 
 
 def rank(args: argparse.Namespace, config, records: list[dict]) -> dict:

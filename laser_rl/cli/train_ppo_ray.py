@@ -13,6 +13,7 @@ own checks) runs before Ray starts or a GPU is touched. Which function each flag
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import sys
 from types import SimpleNamespace
@@ -33,11 +34,13 @@ from laser_rl.integrations.openrlhf.rollout import (
     spec_kind,
     spec_name,
 )
-from laser_rl.selector import BASELINES, selector_from_flags
+from laser_rl.selector import BASELINES, DEFAULT_FEEDBACK, RewardSelector, selector_from_flags
 
 PROG = "python -m laser_rl.cli.train_ppo_ray"
 # OpenRLHF's ~300 flags make argparse's generated usage ~180 lines, printed before every error: one line instead.
 USAGE = f"{PROG} [OpenRLHF train_ppo_ray flags] --laser.reward_models SPEC [SPEC ...] [--laser.* flags] (see --help)"
+# The help texts quote RewardSelector's own defaults: flags left unset (None) keep them.
+_SELECTOR_DEFAULTS = {n: p.default for n, p in inspect.signature(RewardSelector).parameters.items()}
 
 
 def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
@@ -92,27 +95,30 @@ def add_laser_arguments(parser: argparse.ArgumentParser) -> None:
         help="per-step decay of bandit statistics, < 1 tracks RMs whose usefulness drifts (default 1: none)",
     )
     g.add_argument(
-        "--laser.feedback", choices=FEEDBACKS, default="pair_loss",
-        help="bandit reward: pair_loss (paper: -(DPO + NLL) on the chosen RM's best vs worst sample, from the "
-        "log-probs OpenRLHF already computed), spread (within-prompt score spread), verifier (agreement with "
-        "the --reward.remote_url verifier's scores) or consensus (label-free: on an audited fraction of prompts "
-        "every RM scores the samples; agreement with their reliability-weighted consensus). Not available here: "
-        "progress (needs a forward pass after the update), majority (needs an answer extractor)",
+        "--laser.feedback", choices=FEEDBACKS, default=DEFAULT_FEEDBACK,
+        help=f"bandit reward (default {DEFAULT_FEEDBACK}): consensus (label-free: on an audited share of prompts every "
+        "RM scores the samples; agreement with their reliability-weighted consensus), verifier (agreement with the "
+        "--reward.remote_url verifier's scores; reads labels), pair_loss (the paper's: -(DPO + NLL) on the chosen "
+        "RM's best vs worst sample, from the log-probs OpenRLHF already computed; measured preferring the policy's "
+        "own likelihood RM) or spread (within-prompt score spread). Not available here: progress (needs a forward "
+        "pass after the update), majority (needs an answer extractor)",
     )
     g.add_argument("--laser.beta", type=_number(float, 0, low_open=True), default=0.1, metavar="BETA", help="DPO beta of pair_loss")
     g.add_argument(
         "--laser.audit_fraction", type=_number(float, 0, 1), default=None, metavar="F",
         help="consensus feedback: share of prompts scored by every RM to estimate their reliability "
-        "(costs F * (K - 1) extra RM passes per sample; default: the selector's, 0.1)",
+        f"(costs F * (K - 1) extra RM passes per sample; default: the selector's, {_SELECTOR_DEFAULTS['audit_fraction']})",
     )
     g.add_argument(
         "--laser.audit_warmup_steps", type=_number(int, 0), default=None, metavar="STEPS",
         help="consensus feedback: audit --laser.audit_warmup_fraction of prompts in the first STEPS rollout steps, "
-        "then --laser.audit_fraction (front-loads the audit budget; default 0: off)",
+        "then --laser.audit_fraction (front-loads the audit budget; 0: off; default: the selector's, "
+        f"{_SELECTOR_DEFAULTS['audit_warmup_steps']})",
     )
     g.add_argument(
         "--laser.audit_warmup_fraction", type=_number(float, 0, 1), default=None, metavar="F",
-        help="consensus feedback: the share audited during --laser.audit_warmup_steps (default: the selector's, 0.4)",
+        help="consensus feedback: the share audited during --laser.audit_warmup_steps (default: the selector's, "
+        f"{_SELECTOR_DEFAULTS['audit_warmup_fraction']})",
     )
     g.add_argument(
         "--laser.granularity", choices=("prompt", "batch"), default="prompt",

@@ -55,8 +55,8 @@ class DemoConfig:
     pool: str = "default"  # "default" (calculator,minilm,smollm2,noise) or "hard" (the hackable verbose replaces calculator)
     feedback: str = "verifier"  # bandit reward: RM agreement with the verifier labels, or pair_loss, spread, consensus, ...
     bandit: str = "linucb"  # linucb | thompson | epsilon_greedy | exp3 | ucb1
-    audit_fraction: float | None = None  # consensus feedback: share of prompts every RM scores (None: the selector's, 0.1)
-    audit_warmup_steps: int | None = None  # consensus: audit audit_warmup_fraction of prompts in the first steps (None: 0)
+    audit_fraction: float | None = None  # consensus feedback: share of prompts every RM scores (None: the selector's, 0.03)
+    audit_warmup_steps: int | None = None  # consensus: audit audit_warmup_fraction of prompts in the first steps (None: the selector's, 8)
     audit_warmup_fraction: float | None = None  # consensus: the share audited in those steps (None: the selector's, 0.4)
     # LinUCB exploration and ridge, chosen with benchmarks/demo_bandit_replay.py (docs/demo.md): with per-prompt
     # rewards this noisy (agreement over 8 samples) the paper's alpha = 0.1 locks onto an arm after a few
@@ -319,6 +319,7 @@ class MethodResult:
     eval_correct: dict[str, list[int]] = field(default_factory=dict)  # domain -> 1/0 per held-out prompt, after GRPO
     eval_length: dict[str, float] = field(default_factory=dict)  # domain -> mean characters of the greedy held-out answers
     train_length: dict[str, float] = field(default_factory=dict)  # domain -> mean characters of the training samples
+    audit: dict[str, float] = field(default_factory=dict)  # consensus: the audit schedule the selector ran with
 
     def most_chosen(self) -> dict[str, str]:
         return {d: max(c, key=c.get) for d, c in self.arm_counts.items()}
@@ -485,6 +486,8 @@ def run_method(
         eval_correct=evaluation.correct,
         eval_length=evaluation.mean_length,
         train_length={d: sum(v) / max(len(v), 1) for d, v in train_length.items()},
+        audit={"fraction": selector.audit_fraction, "warmup_steps": selector.audit_warmup_steps,
+               "warmup_fraction": selector.audit_warmup_fraction} if selector.consensus is not None else {},
     )
 
 

@@ -63,6 +63,9 @@ SIGNALS = {
     "consensus_full": Signal("consensus_full", "consensus", audit_fraction=1.0),
     # The same budget front-loaded: 40% of prompts in the first 8 of 32 steps (the warm-up), then 3% (1.36 passes).
     "consensus_front": Signal("consensus_front", "consensus", audit_fraction=0.03, audit_warmup_steps=8),
+    # Other schedules with 10% after the warm-up, the suggested share (measured after consensus_front).
+    "consensus_front_10": Signal("consensus_front_10", "consensus", audit_fraction=0.1, audit_warmup_steps=8),
+    "consensus_front_short": Signal("consensus_front_short", "consensus", audit_fraction=0.1, audit_warmup_steps=4),
     "consensus_loo": Signal("consensus_loo", "consensus", {"method": "leave_one_out"}, audit_fraction=0.1),
     "consensus_dis": Signal("consensus_dis", "consensus", {"method": "disattenuated"}, audit_fraction=0.1),
 }
@@ -246,7 +249,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--feedback", default="all", help=f"a signal ({', '.join(SIGNALS)}) or 'all'")
+    parser.add_argument("--feedback", default="all", help=f"signals, comma-separated ({', '.join(SIGNALS)}), or 'all'")
     parser.add_argument("--sample-seed", type=int, default=0, help="seed of the logged rollouts (a new seed is a new log)")
     parser.add_argument("--log", default=None, help="the log file (default laser_runs/replay_log_seed<S>.pt)")
     parser.add_argument("--prompts", type=int, default=96, help="logged prompts per domain")
@@ -256,8 +259,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--settings", default="all", help="'all' (the grid) or 'alpha,lam' for one setting")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
-    if args.feedback != "all" and args.feedback not in SIGNALS:
-        parser.error(f"--feedback must be one of {', '.join(SIGNALS)} or all, got {args.feedback!r}")
+    wanted = list(SIGNALS) if args.feedback == "all" else [name.strip() for name in args.feedback.split(",")]
+    if not wanted or any(name not in SIGNALS for name in wanted):
+        parser.error(f"--feedback takes names from {', '.join(SIGNALS)} (comma-separated) or all, got {args.feedback!r}")
     for flag in ("seeds", "steps", "prompts"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
@@ -291,7 +295,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     names = list(log[DOMAINS[0]]["scores"])
     for d, rewards in consensus_on_whole_log(log).items():
         print(f"  {d:<10} consensus reward with every prompt audited: " + ", ".join(f"{k} {float(r):.2f}" for k, r in zip(names, rewards)))
-    signals = list(SIGNALS.values()) if args.feedback == "all" else [SIGNALS[args.feedback]]
+    signals = [SIGNALS[name] for name in dict.fromkeys(wanted)]
     rows = []
     jobs = [(s, a, l) for s in signals for a, l in settings]
     for signal, alpha, lam in tqdm(jobs, desc="replaying", unit="setting"):

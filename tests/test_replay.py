@@ -56,6 +56,9 @@ def test_every_signal_replays_and_writes_the_documented_rows(tmp_path):
     rows = replay.main(["--log", str(path), "--feedback", "all", "--seeds", "2", "--steps", "6", "--settings", "0.6,1.0",
                         "--json", str(out)])
     assert [r["feedback"] for r in rows] == list(replay.SIGNALS)
+    picked = replay.main(["--log", str(path), "--feedback", "consensus_front,verifier", "--seeds", "2", "--steps", "6",
+                          "--settings", "0.6,1.0"])
+    assert [r["feedback"] for r in picked] == ["consensus_front", "verifier"]  # a comma-separated list, in its order
     saved = json.load(open(out))
     assert isinstance(saved, list) and len(saved) == len(replay.SIGNALS)
     for row in saved:
@@ -105,6 +108,8 @@ def test_replay_flags_are_checked(tmp_path):
     replay = load_replay()
     with pytest.raises(SystemExit):
         replay.main(["--feedback", "vibes"])
+    with pytest.raises(SystemExit):
+        replay.main(["--feedback", "verifier,vibes"])
     with pytest.raises(SystemExit):
         replay.main(["--settings", "nan,1"])
     with pytest.raises(SystemExit):

@@ -250,9 +250,18 @@ def test_missing_inputs_are_clear_errors_at_construction(kw, match):
         make_laser(build_tokenizer("bpe"), **kw)
 
 
-def test_binding_errors_name_what_to_change():
+def test_binding_errors_name_what_to_change(monkeypatch):
+    import laser_rl.integrations.trl as laser_trl
+
     tokenizer = build_tokenizer("bpe")
     policy = build_causal_lm(tokenizer)
+    encoder = ContextEncoder(32, proj_dim=8, seed=0)
+    with monkeypatch.context() as patch:  # several ranks: the default (consensus) cannot audit a split batch
+        patch.setattr(laser_trl, "_rank_world", lambda: (0, 2))
+        default = LaserRewardFunction(RewardSelector(rms(), context_dim=encoder.dim), num_generations=N, encoder=encoder)
+        with pytest.raises(ValueError, match="consensus.*several ranks.*feedback='verifier'"):
+            default.bind(policy, tokenizer, num_generations=N)
+        assert default.policy is None
     with pytest.raises(ValueError, match="LaserGRPOTrainer"):
         make_laser(tokenizer, feedback="pair_loss").bind(policy, tokenizer, num_generations=N)
     with pytest.raises(ValueError, match="num_generations"):

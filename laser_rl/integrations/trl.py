@@ -288,8 +288,9 @@ class LaserRewardFunction:
         _, world = _rank_world()
         if world > 1 and self.selector.consensus is not None:
             raise ValueError(
-                "feedback 'consensus' audits the whole prompt-grouped batch inside select()/score(), which one rank "
-                "does not hold with several ranks: use spread, verifier, majority or pair_loss there"
+                "feedback 'consensus' (RewardSelector's default) audits the whole prompt-grouped batch inside "
+                "select()/score(), which one rank does not hold with several ranks: build the selector with "
+                "feedback='verifier' (labels), 'majority', 'spread' or 'pair_loss' there"
             )
         if world > 1 and self.selector.score_normalizer is not None:
             raise ValueError(

@@ -205,8 +205,11 @@ def consensus_on_whole_log(log: dict) -> dict[str, torch.Tensor]:
 
 def evaluate(log: dict, signal: Signal, alpha: float, lam: float, seeds: int, steps: int, ties: dict) -> dict:
     found, both, noise, passes = 0, 0, [], []
+    shares: dict[str, torch.Tensor] = {}  # domain -> each arm's share of its prompts after warm-up, summed over seeds
     for seed in range(seeds):
         names, counts, per_sample = replay(log, signal, alpha, lam, seed, steps)
+        for d, c in counts.items():
+            shares[d] = shares.get(d, 0) + c.float() / c.sum().clamp_min(1)
         chosen = {d: names[int(c.argmax())] for d, c in counts.items()}
         ok = all(chosen[d] in ties[d] for d in DOMAINS)
         total = sum(c.sum() for c in counts.values())
@@ -230,6 +233,7 @@ def evaluate(log: dict, signal: Signal, alpha: float, lam: float, seeds: int, st
         "noise_share": sum(noise) / seeds,
         "both": both / seeds,
         "rm_passes_per_sample": sum(passes) / seeds,
+        "arm_share": {d: {k: round(float(v) / seeds, 4) for k, v in zip(names, s)} for d, s in shares.items()},
         "seeds": seeds,
         "steps": steps,
     }

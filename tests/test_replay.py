@@ -64,6 +64,10 @@ def test_every_signal_replays_and_writes_the_documented_rows(tmp_path):
     for row in saved:
         assert {"feedback", "label_free", "default", "alpha", "lam", "best_rm", "noise_share", "both", "rm_passes_per_sample"} <= set(row)
         assert 0 <= row["best_rm"] <= 1 and 0 <= row["noise_share"] <= 1 and row["both"] <= row["best_rm"]
+        # Each domain's arm shares sum to 1; with as many prompts per domain, their noise mean is the noise share.
+        assert all(abs(sum(per.values()) - 1) < 1e-3 for per in row["arm_share"].values())
+        noise_by_domain = [per["noise"] for per in row["arm_share"].values()]
+        assert abs(sum(noise_by_domain) / len(noise_by_domain) - row["noise_share"]) < 1e-3
     by = {r["feedback"]: r for r in saved}
     assert not by["verifier"]["label_free"] and not by["verifier_25"]["label_free"] and by["consensus"]["label_free"]
     assert sum(r["default"] for r in saved) == 1 and by["consensus_front"]["default"]

@@ -14,7 +14,8 @@ rewards (higher = better choice of arm). NaN marks "no signal for this prompt"; 
 - consensus: label-free; on an audited fraction of prompts every RM scores the samples, each RM's
   reliability is estimated from how the RMs agree (a one-factor model, the continuous analogue of the
   spectral meta-learner), and each RM is rewarded by its agreement with the reliability-weighted truth
-  estimate. Costs 1 + audit_fraction * (K - 1) RM passes per sample.
+  estimate. Costs 1 + a * (K - 1) RM passes per sample, a the share audited (RewardSelector's default, and
+  so its default feedback: 40% of prompts in the first 8 steps, then 3%).
 
 Which signals read labels: only `verifier`. The others are label-free; `pair_loss` and `progress` need
 the policy's and reference's log-probs, `majority` an answer extractor, `consensus` extra RM passes.

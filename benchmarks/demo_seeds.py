@@ -81,6 +81,17 @@ def label(method: str) -> str:
     return LABELS.get(method) or f"LASeR, {method.removeprefix('laser-')} feedback (label-free)"
 
 
+def label_with_audits(method: str, audit: dict) -> str:
+    """The method's label, with a consensus run's audit schedule: '... (label-free; audits 40% x 8 steps, then 3%)'."""
+    if not audit:
+        return label(method)
+    schedule = f"audits {audit['fraction']:.0%}"
+    if audit["warmup_steps"]:
+        schedule = f"audits {audit['warmup_fraction']:.0%} x {audit['warmup_steps']} steps, then {audit['fraction']:.0%}"
+    text = label(method)
+    return f"{text[:-1]}; {schedule})" if text.endswith(")") else f"{text} ({schedule})"
+
+
 def run_path(results_dir: str, pool: str, method: str, seed: int) -> str:
     return os.path.join(results_dir, f"{pool}__{method}__seed{seed}.json")
 
@@ -219,9 +230,15 @@ def aggregate(runs: list[dict], reps: int = 4000) -> dict:
         rows = []
         for i, m in enumerate(methods):
             res = [per_method[m][s]["result"] for s in seeds]
+            schedules = {json.dumps(r.get("audit") or {}, sort_keys=True) for r in res}
+            if len(schedules) > 1:  # one row must be one method: runs from before a default changed are stale
+                raise ValueError(f"{pool} pool, {m}: the runs used different audit schedules {sorted(schedules)}; "
+                                 "move the stale runs' JSONs to a subfolder (e.g. superseded/) and rerun them")
+            audit = json.loads(schedules.pop())
             lo, hi = np.percentile(boot[:, i], [2.5, 97.5], axis=0)
             row = {
-                "method": m, "label": label(m),
+                "method": m, "label": label_with_audits(m, audit),
+                "audit": audit,
                 "accuracy": {k: [float(point[i, j]), float(lo[j]), float(hi[j])] for j, k in enumerate(domains + ["mean"])},
                 "rm_passes": mean_ci([r["rm_passes"] for r in res]),
                 "rm_passes_vs_ensemble": (float(np.mean([r["rm_passes"] for r in res]) / ensemble_passes) if ensemble_passes else None),

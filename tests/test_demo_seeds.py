@@ -46,10 +46,10 @@ def test_study_runs_end_to_end_and_resumes(tmp_path, tiny_assets):
         train_per_domain=4, eval_per_domain=3, probe_prompts=2, probe_min_mixed=1, train_layers=1,
         grpo=GRPOConfig(lr=1e-3), threads=1,
     )
-    methods = ["laser-verifier", "mean", "random", "single"]
+    methods = ["laser-verifier", "laser-consensus", "mean", "random", "single"]
     results = str(tmp_path / "runs")
     made = study.run_study(base, ["hard"], [0, 1], methods, results, progress=False)
-    assert made == 8
+    assert made == 10
     files = sorted(os.listdir(results))
     assert files == sorted(f"hard__{m}__seed{s}.json" for m in methods for s in (0, 1))
     record = json.loads((tmp_path / "runs" / "hard__laser-verifier__seed0.json").read_text())
@@ -76,11 +76,22 @@ def test_study_runs_end_to_end_and_resumes(tmp_path, tiny_assets):
     for r in rows.values():
         m, lo, hi = r["accuracy"]["mean"]
         assert lo <= m + 1e-9 and m <= hi + 1e-9
-    assert set(rows["mean"]["diff_vs"]) == {"laser-verifier"} and rows["laser-verifier"]["diff_vs"] == {}
+    assert set(rows["mean"]["diff_vs"]) == {"laser-verifier", "laser-consensus"} and set(rows["laser-verifier"]["diff_vs"]) == {"laser-consensus"}
+    # The consensus runs record RewardSelector's default schedule, and the row says it.
+    assert rows["laser-consensus"]["audit"] == {"fraction": 0.03, "warmup_steps": 8, "warmup_fraction": 0.4}
+    assert rows["laser-consensus"]["label"].endswith("(label-free; audits 40% x 8 steps, then 3%)") and rows["mean"]["audit"] == {}
     assert rows["mean"]["rm_passes_vs_ensemble"] == 1.0
     for ext in (".md", ".json", ".png"):
         assert os.path.getsize(out + ext) > 100
     assert "Δ vs LASeR" in open(out + ".md").read()
+    # Runs of one method made under different audit schedules are not pooled into one row.
+    path = os.path.join(results, "hard__laser-consensus__seed1.json")
+    stale = json.loads(open(path).read())
+    stale["result"]["audit"] = {"fraction": 0.1, "warmup_steps": 0, "warmup_fraction": 0.4}
+    with open(path, "w") as f:
+        json.dump(stale, f)
+    with pytest.raises(ValueError, match="different audit schedules"):
+        study.write_report(results, out)
 
 
 def test_paired_bootstrap_sees_a_consistent_gap_and_not_a_null_one():

@@ -70,6 +70,7 @@ def main(steps: int = 4, n: int = 4, checkpoint: str | None = None) -> dict[str,
         # The paper's signal: -(DPO loss of the chosen RM's best vs. worst sample + NLL of the best). It needs the
         # scores, the SEQUENCE log-probs (summed over response tokens) of policy and reference, and the response
         # lengths: selector.feedback_inputs names them, and the loop below passes exactly those.
+        # (RewardSelector's default, label-free `consensus`, needs none of these: docs/feedback.md.)
         feedback="pair_loss",
     )
     prompts, answers, domains = zip(*DATA)

@@ -16,6 +16,9 @@ each seed, over held-out prompts (stratified by domain). A run whose JSON exists
     nohup nice -n 10 python benchmarks/demo_seeds.py > laser_runs/demo_seeds.log 2>&1 &    # hours on 2 cores
     python benchmarks/demo_seeds.py --report-only       # rebuild the table and PNG from the JSONs, run nothing
 
+Several processes may share one results folder (e.g. `--threads 1` each on a small machine): each run is claimed
+(`<run>.json.claim`, the holder's PID) before it starts, so none runs twice; a killed run's claim is taken over.
+
 A driver loop of one (pool, seed) group per process (`--max-groups 1`, exit status 3 once nothing is left) picks up
 code that lands while the study runs, e.g. the label-free feedback: its method is then added to finished seeds too.
 
@@ -96,6 +99,36 @@ def run_path(results_dir: str, pool: str, method: str, seed: int) -> str:
     return os.path.join(results_dir, f"{pool}__{method}__seed{seed}.json")
 
 
+def claim(path: str) -> bool:
+    """Claim the run whose JSON is `path` for this process: True if no live process holds it.
+
+    The claim is `path`.claim with the holder's PID, made atomically (O_EXCL), so processes started on the same
+    results folder share the work without running anything twice; a claim whose process has died is taken over.
+    """
+    lock = path + ".claim"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(lock) as f:
+                    text = f.read().strip()
+                if not text:
+                    return False  # its holder has made it and not yet written its PID: alive
+                holder = int(text)
+                os.kill(holder, 0)  # raises if no such process
+                return holder == os.getpid()
+            except (ProcessLookupError, ValueError):
+                os.remove(lock)  # a dead holder (a killed run): take the run over
+                continue
+            except (PermissionError, FileNotFoundError):
+                return False  # alive under another user, or just released: leave it
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
 def _write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -143,6 +176,10 @@ def run_study(
         ties = tied_with_best(assets.probe_agreement)
         shared_time = time.time() - start
         for method in missing:
+            path = run_path(results_dir, pool, method, seed)
+            if os.path.exists(path) or not claim(path):  # another process finished it or is running it
+                bar.update(1)
+                continue
             bar.set_description(f"demo_seeds {pool} seed {seed} {method}")
             base_method, _, feedback = method.partition("-")
             result = run_method(base_method, assets, before.accuracy, names.index(single), None, progress, feedback=feedback or None)
@@ -154,7 +191,8 @@ def run_study(
                 "shared_setup_time": shared_time,
                 "result": dataclasses.asdict(result),
             }
-            _write_json(run_path(results_dir, pool, method, seed), record)
+            _write_json(path, record)
+            os.remove(path + ".claim")
             done += 1
             bar.update(1)
     bar.close()

@@ -8,6 +8,8 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -92,6 +94,37 @@ def test_study_runs_end_to_end_and_resumes(tmp_path, tiny_assets):
         json.dump(stale, f)
     with pytest.raises(ValueError, match="different audit schedules"):
         study.write_report(results, out)
+
+
+def test_a_run_is_claimed_once_and_a_dead_holders_claim_is_taken_over(tmp_path):
+    study = _load_study()
+    path = str(tmp_path / "hard__random__seed0.json")
+    assert study.claim(path) and open(path + ".claim").read() == str(os.getpid())
+    assert study.claim(path)  # the holder itself may go on
+    with open(path + ".claim", "w") as f:
+        f.write(str(os.getppid()))  # a live process holds it
+    assert not study.claim(path)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with open(path + ".claim", "w") as f:
+        f.write(finished.stdout.strip())  # its holder has exited (killed mid-run)
+    assert study.claim(path) and open(path + ".claim").read() == str(os.getpid())
+
+
+def test_study_skips_a_run_another_process_holds(tmp_path, tiny_assets):
+    from laser_rl.demo.grpo import GRPOConfig
+    from laser_rl.demo.run import DemoConfig
+
+    study = _load_study()
+    base = DemoConfig(
+        steps=1, prompts_per_domain=1, samples=2, max_new_tokens=4, arms=("verbose", "smollm2", "noise"),
+        train_per_domain=2, eval_per_domain=2, probe_prompts=2, probe_min_mixed=1, train_layers=1,
+        grpo=GRPOConfig(lr=1e-3), threads=1,
+    )
+    results = tmp_path / "runs"
+    results.mkdir()
+    (results / "hard__random__seed0.json.claim").write_text(str(os.getppid()))
+    assert study.run_study(base, ["hard"], [0], ["random", "single"], str(results), progress=False) == 1
+    assert sorted(os.listdir(results)) == ["hard__random__seed0.json.claim", "hard__single__seed0.json"]
 
 
 def test_paired_bootstrap_sees_a_consistent_gap_and_not_a_null_one():

@@ -438,7 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default=None, help="comma-separated subset (default: every method available)")
     p.add_argument("--label-free", default=None, help="the label-free feedback for LASeR (default: the core's recommended one)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--results-dir", default="laser_runs/demo_seeds", help="one JSON per (pool, method, seed)")
+    p.add_argument("--results-dir", default="benchmarks/results/demo_seeds_runs",
+                   help="one JSON per (pool, method, seed); the default holds the committed runs, so a study resumes from them")
     p.add_argument("--out", default="benchmarks/results/demo_seeds", help="writes OUT.md, OUT.json, OUT.png")
     p.add_argument("--max-groups", type=int, default=None, help="stop after this many (pool, seed) groups")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from the JSONs")

@@ -401,7 +401,10 @@ def plot(agg: dict, path: str) -> None:
         ax.bar(x, m, color=colors, alpha=0.75)
         ax.errorbar(x, m, yerr=[m - lo, hi - m], fmt="none", ecolor="black", capsize=5)
         ax.axhline(a["untrained"]["mean"], ls="--", color="gray", label="untrained policy")
-        ax.set_xticks(x, [r["label"].replace(", ", "\n") for r in rows], fontsize=8)
+        # Short tick labels (the schedule and "feedback" live in the table): "LASeR\nconsensus\n(label-free)".
+        ticks = [r["label"].split(" (")[0].replace(" feedback", "").replace(", ", "\n")
+                 + ("\n(label-free)" if "label-free" in r["label"] else "") for r in rows]
+        ax.set_xticks(x, ticks, fontsize=8)
         ax.set_title(f"pool '{pool}': {', '.join(a['arms'])}\n{len(a['seeds'])} seeds x {a['prompts_per_domain']} prompts per domain", fontsize=9)
         ax.legend(loc="lower right", fontsize=8)
     axes[0][0].set_ylabel("held-out accuracy, mean of 3 domains (95% CI)")

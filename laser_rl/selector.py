@@ -91,16 +91,10 @@ class RewardSelector:
             raise ValueError(f"unknown feedback signal {feedback!r}; choose one of {sorted(FEEDBACK_SIGNALS)}")
         if granularity not in ("prompt", "batch"):
             raise ValueError(f"granularity must be 'prompt' or 'batch', got {granularity!r}")
-        for name, value in (("alpha", alpha), ("lam", lam), ("discount", discount), ("uwo_coef", uwo_coef),
-                            ("audit_fraction", audit_fraction), ("audit_warmup_fraction", audit_warmup_fraction)):
-            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(float(value))):
+        for name, value in (("alpha", alpha), ("lam", lam), ("discount", discount), ("uwo_coef", uwo_coef)):
+            if value is not None and not _finite_number(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if not 0.0 <= float(audit_fraction) <= 1.0:
-            raise ValueError(f"audit_fraction must lie in [0, 1], got {audit_fraction}")
-        if not 0.0 <= float(audit_warmup_fraction) <= 1.0:
-            raise ValueError(f"audit_warmup_fraction must lie in [0, 1], got {audit_warmup_fraction}")
-        if isinstance(audit_warmup_steps, bool) or not isinstance(audit_warmup_steps, int) or audit_warmup_steps < 0:
-            raise ValueError(f"audit_warmup_steps must be an integer >= 0, got {audit_warmup_steps!r}")
+        check_audit_schedule(audit_fraction, audit_warmup_steps, audit_warmup_fraction)
         self.feedback_kwargs = dict(feedback_kwargs or {})
         unknown = set(self.feedback_kwargs) - set(FEEDBACK_SIGNALS[feedback].options)
         if unknown:
@@ -641,6 +635,27 @@ class RewardSelector:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(float(value))
+
+
+def check_audit_schedule(
+    audit_fraction: float | None = None, audit_warmup_steps: int | None = None, audit_warmup_fraction: float | None = None
+) -> None:
+    """RewardSelector's checks of a consensus audit schedule, for callers that validate flags before building one
+    (None: not given, the selector's default). Raises ValueError naming the bad value."""
+    for name, value in (("audit_fraction", audit_fraction), ("audit_warmup_fraction", audit_warmup_fraction)):
+        if value is None:
+            continue
+        if not _finite_number(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    steps = audit_warmup_steps
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise ValueError(f"audit_warmup_steps must be an integer >= 0, got {steps!r}")
 
 
 def selector_from_flags(rms: Sequence, flags, context_dim: int | None = None) -> RewardSelector:

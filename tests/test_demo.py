@@ -399,3 +399,8 @@ def test_demo_audit_flags_reach_the_selector():
     assert (laser.audit_fraction, laser.audit_warmup_steps, laser.audit_warmup_fraction) == (0.03, 8, 0.5)
     assert laser.current_audit_fraction == 0.5 and laser.audits
     assert not selector_from_flags(rms, method_flags("random", cfg, 0), context_dim=4).audits
+    # Bad schedules stop at the config, before any model loads, with the selector's own messages.
+    for bad, message in (({"audit_fraction": 1.5}, "audit_fraction must lie in"), ({"audit_warmup_steps": -1}, "audit_warmup_steps"),
+                         ({"audit_warmup_fraction": math.nan}, "audit_warmup_fraction must be a finite")):
+        with pytest.raises(ValueError, match=message):
+            DemoConfig(feedback="consensus", **bad)

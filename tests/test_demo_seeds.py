@@ -38,16 +38,20 @@ def tiny_assets(monkeypatch, tokenizer, causal_lm):
     monkeypatch.setattr(assets, "load_policy", lambda verbose=True: (copy.deepcopy(causal_lm), tok))
 
 
-def test_study_runs_end_to_end_and_resumes(tmp_path, tiny_assets):
+def tiny_config(**sizes):
+    """A DemoConfig small enough to train in seconds on the tiny assets."""
     from laser_rl.demo.grpo import GRPOConfig
     from laser_rl.demo.run import DemoConfig
 
-    study = _load_study()
-    base = DemoConfig(
-        steps=2, prompts_per_domain=1, samples=2, max_new_tokens=4, arms=("verbose", "smollm2", "noise"),
-        train_per_domain=4, eval_per_domain=3, probe_prompts=2, probe_min_mixed=1, train_layers=1,
-        grpo=GRPOConfig(lr=1e-3), threads=1,
+    return DemoConfig(
+        prompts_per_domain=1, samples=2, max_new_tokens=4, arms=("verbose", "smollm2", "noise"), probe_prompts=2,
+        probe_min_mixed=1, train_layers=1, grpo=GRPOConfig(lr=1e-3), threads=1, **sizes,
     )
+
+
+def test_study_runs_end_to_end_and_resumes(tmp_path, tiny_assets):
+    study = _load_study()
+    base = tiny_config(steps=2, train_per_domain=4, eval_per_domain=3)
     methods = ["laser-verifier", "laser-consensus", "mean", "random", "single"]
     results = str(tmp_path / "runs")
     made = study.run_study(base, ["hard"], [0, 1], methods, results, progress=False)
@@ -111,15 +115,8 @@ def test_a_run_is_claimed_once_and_a_dead_holders_claim_is_taken_over(tmp_path):
 
 
 def test_study_skips_a_run_another_process_holds(tmp_path, tiny_assets):
-    from laser_rl.demo.grpo import GRPOConfig
-    from laser_rl.demo.run import DemoConfig
-
     study = _load_study()
-    base = DemoConfig(
-        steps=1, prompts_per_domain=1, samples=2, max_new_tokens=4, arms=("verbose", "smollm2", "noise"),
-        train_per_domain=2, eval_per_domain=2, probe_prompts=2, probe_min_mixed=1, train_layers=1,
-        grpo=GRPOConfig(lr=1e-3), threads=1,
-    )
+    base = tiny_config(steps=1, train_per_domain=2, eval_per_domain=2)
     results = tmp_path / "runs"
     results.mkdir()
     (results / "hard__random__seed0.json.claim").write_text(str(os.getppid()))

@@ -33,7 +33,7 @@ from laser_rl.demo.arms import POOLS, build_arms
 from laser_rl.demo.grpo import GRPOConfig, GRPOTrainer, sample
 from laser_rl.demo.tasks import DOMAINS, Task, build_tasks
 from laser_rl.feedback import verifier_agreement
-from laser_rl.selector import RewardSelector, selector_from_flags
+from laser_rl.selector import RewardSelector, check_audit_schedule, selector_from_flags
 
 METHODS = ("laser", "mean", "random", "single")
 METHOD_LABELS = {
@@ -103,10 +103,7 @@ class DemoConfig:
             raise ValueError(f"warmup_fraction must lie in [0, 1) and threads be >= 1; got {self.warmup_fraction}, {self.threads}")
         if self.proj_dim is not None and self.proj_dim < 1:
             raise ValueError(f"proj_dim must be >= 1 or None, got {self.proj_dim}")
-        fractions = [f for f in (self.audit_fraction, self.audit_warmup_fraction) if f is not None]
-        if not all(0 <= f <= 1 for f in fractions) or (self.audit_warmup_steps is not None and self.audit_warmup_steps < 0):
-            raise ValueError(f"audit_fraction and audit_warmup_fraction must lie in [0, 1], audit_warmup_steps be >= 0; "
-                             f"got {self.audit_fraction}, {self.audit_warmup_fraction}, {self.audit_warmup_steps}")
+        check_audit_schedule(self.audit_fraction, self.audit_warmup_steps, self.audit_warmup_fraction)
 
     @property
     def warmup_steps(self) -> int:
